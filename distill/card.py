@@ -1,0 +1,200 @@
+"""Dataset cards: what is in a set of prompt rows, where it came from, and who labelled it.
+
+    distill card --input dataset/quebecois_distill.jsonl dataset/quebecois_conversation.jsonl \\
+        --output runs/demo/DATASET_CARD.md
+    distill card --input runs/demo/labelled.jsonl --output runs/demo/LABELLED_CARD.md
+
+Writes a Markdown card with Hugging Face dataset-card front matter and, beside it, the same
+statistics as JSON (``CARD.json``): counts per file and split, register and dialect
+distributions, length statistics of prompts and answers, and the provenance aggregated (sources,
+licenses, and for labelled rows the teacher models, revisions, backends and tool versions).
+The rows are read with the same validation as every other stage.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill.argspec import arg
+from distill.records import Record, atomic_write_json, atomic_write_text, read_many
+
+
+@dataclass
+class CardArgs:
+    """Arguments of ``distill card``."""
+
+    input: list[Path] = arg(help="one or more JSONL files (prompt rows or labelled rows)")
+    output: Path = arg(help="Markdown card to write (the JSON statistics go beside it)")
+    name: str = arg("pidistill-quebecois", help="dataset name in the card's front matter")
+    license: str = arg("cc0-1.0", help="license id in the card's front matter")
+    language: str = arg("fr", help="language code in the card's front matter")
+
+    def __post_init__(self) -> None:
+        self.input = [Path(p) for p in self.input]
+        self.output = Path(self.output)
+        if not self.input:
+            raise ValueError("--input needs at least one file")
+        if self.output.suffix.lower() != ".md":
+            raise ValueError(f"--output must be a Markdown file (.md), got {self.output}")
+        if any(self.output.resolve() == p.resolve() for p in self.input):
+            raise ValueError("--output must not be one of the inputs")
+
+
+def _lengths(texts: Sequence[str]) -> dict[str, float]:
+    words = [len(t.split()) for t in texts]
+    if not words:
+        return {}
+    ordered = sorted(words)
+    return {
+        "count": len(words),
+        "min_words": ordered[0],
+        "median_words": statistics.median(ordered),
+        "mean_words": round(statistics.fmean(ordered), 1),
+        "p95_words": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "max_words": ordered[-1],
+        "mean_chars": round(statistics.fmean(len(t) for t in texts), 1),
+    }
+
+
+def _distribution(values: Sequence[str]) -> dict[str, dict[str, float]]:
+    counts = Counter(values)
+    total = sum(counts.values())
+    return {
+        key: {"count": n, "share": round(n / total, 4)}
+        for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    }
+
+
+def statistics_of(records: Sequence[Record]) -> dict[str, Any]:
+    """Every number on the card, as a JSON-ready dict."""
+    labelled = [r for r in records if r.assistant is not None]
+    labellers: Counter[str] = Counter()
+    tools: Counter[str] = Counter()
+    settings: Counter[str] = Counter()
+    for record in labelled:
+        who = record.metadata["provenance"].get("labeller") or {}
+        labellers[
+            f"{who.get('model', '?')} @ {who.get('revision') or '-'} ({who.get('backend', '?')},"
+            f" {who.get('prompt_style', '?')})"
+        ] += 1
+        versions = ", ".join(
+            f"{k} {who[k]}" for k in ("tool", "transformers", "torch") if who.get(k)
+        )
+        tools[versions or "unrecorded"] += 1
+        settings[json.dumps(who.get("generation", {}), sort_keys=True)] += 1
+    return {
+        "rows": len(records),
+        "files": dict(Counter(r.source for r in records)),
+        "splits": _distribution([r.split for r in records]),
+        "requires_json": sum(r.requires_json for r in records),
+        "labelled": len(labelled),
+        "register": _distribution([r.metadata["register"] for r in records]),
+        "dialect": _distribution([r.metadata["dialect"] for r in records]),
+        "topic": _distribution([str(r.metadata.get("topic", "—")) for r in records]),
+        "lengths": {
+            "user": _lengths([r.user for r in records]),
+            "system_hint": _lengths([r.system_hint for r in records if r.system_hint]),
+            "assistant": _lengths([r.assistant for r in labelled if r.assistant]),
+        },
+        "provenance": {
+            "source": dict(
+                Counter(str(r.metadata["provenance"].get("source", "?")) for r in records)
+            ),
+            "license": dict(
+                Counter(str(r.metadata["provenance"].get("license", "?")) for r in records)
+            ),
+            "labellers": dict(labellers),
+            "tool_versions": dict(tools),
+            "generation_settings": dict(settings),
+        },
+    }
+
+
+def _table(rows: dict[str, dict[str, float]], title: str) -> str:
+    lines = [f"| {title} | rows | share |", "| --- | ---: | ---: |"]
+    lines += [f"| {k} | {v['count']} | {v['share']:.1%} |" for k, v in rows.items()]
+    return "\n".join(lines)
+
+
+def _count_table(rows: dict[str, int], title: str) -> str:
+    lines = [f"| {title} | rows |", "| --- | ---: |"]
+    lines += [f"| {k} | {n} |" for k, n in rows.items()]
+    return "\n".join(lines)
+
+
+def render_card(stats: dict[str, Any], args: CardArgs) -> str:
+    """The Markdown card: HF dataset-card front matter, then the tables."""
+    size = "n<1K" if stats["rows"] < 1000 else "1K<n<10K" if stats["rows"] < 10000 else "10K<n"
+    front = "\n".join(
+        [
+            "---",
+            f"pretty_name: {args.name}",
+            f"license: {args.license}",
+            "language:",
+            f"  - {args.language}",
+            "task_categories:",
+            "  - text-generation",
+            "size_categories:",
+            f"  - {size}",
+            "tags:",
+            "  - distillation",
+            "  - pidistill",
+            "---",
+        ]
+    )
+    length_rows = [
+        "| field | rows | min | median | mean | p95 | max (words) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, values in stats["lengths"].items():
+        if values:
+            length_rows.append(
+                f"| {name} | {values['count']} | {values['min_words']} | "
+                f"{values['median_words']} | {values['mean_words']} | {values['p95_words']} | "
+                f"{values['max_words']} |"
+            )
+    provenance = stats["provenance"]
+    parts = [
+        front,
+        f"# {args.name}",
+        f"{stats['rows']} rows from {len(stats['files'])} file(s); "
+        f"{stats['requires_json']} ask for JSON; {stats['labelled']} labelled by a teacher.",
+        "## Files\n\n" + _count_table(stats["files"], "file"),
+        "## Splits\n\n" + _table(stats["splits"], "split"),
+        "## Register\n\n" + _table(stats["register"], "register"),
+        "## Dialect\n\n" + _table(stats["dialect"], "dialect"),
+        "## Lengths\n\n" + "\n".join(length_rows),
+        "## Provenance\n\n"
+        + _count_table(provenance["source"], "source")
+        + "\n\n"
+        + _count_table(provenance["license"], "license"),
+    ]
+    if provenance["labellers"]:
+        parts.append(
+            "## Labelling\n\n"
+            + _count_table(provenance["labellers"], "teacher")
+            + "\n\n"
+            + _count_table(provenance["tool_versions"], "tools")
+            + "\n\n"
+            + _count_table(
+                {f"`{k}`": v for k, v in provenance["generation_settings"].items()},
+                "generation settings",
+            )
+        )
+    return "\n\n".join(parts) + "\n"
+
+
+def run(args: CardArgs) -> dict[str, Any]:
+    """The ``distill card`` stage: validate every row, then write the card and its JSON."""
+    records = read_many(args.input)
+    stats = statistics_of(records)
+    json_path = args.output.with_suffix(".json")
+    atomic_write_json(json_path, stats)
+    atomic_write_text(args.output, render_card(stats, args))
+    return {"rows": stats["rows"], "card": str(args.output), "json": str(json_path)}

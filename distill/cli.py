@@ -1,0 +1,122 @@
+"""``distill``: the workstation's command line, one subcommand per stage.
+
+    distill label --input dataset/quebecois_distill.jsonl --output runs/demo/labelled.jsonl
+    distill card --input runs/demo/labelled.jsonl --output runs/demo/DATASET_CARD.md
+    distill llamacpp build
+
+Bad input ends with one line ``path:line: field: problem`` and exit code 2; a stage that fails
+while running (teacher unreachable, a tool that failed) exits 1. ``--debug`` shows tracebacks.
+Each stage prints its summary as one JSON line on stdout; logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from distill import argspec, ops
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description="Distil a teacher model into a small student for Raspberry Pis.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in ops.STAGES:
+        try:
+            cls = ops.args_class(stage)
+        except ops.OpError:
+            continue  # a stage whose module is not there yet
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        stage_parser = sub.add_parser(
+            stage,
+            help=doc[0] if doc else stage,
+            description=(sys.modules[cls.__module__].__doc__ or ""),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        argspec.build_parser(cls, stage_parser)
+        stage_parser.set_defaults(stage=stage)
+    tools = sub.add_parser("llamacpp", help="find or build the pinned llama.cpp tools")
+    tools.add_argument("action", choices=("build", "where"))
+    tools.add_argument("--variant", default="native", choices=("native", "openblas"))
+    tools.set_defaults(stage="llamacpp")
+    teacher = sub.add_parser("teacher", help="prepare the embedded teacher (convert once, cache)")
+    teacher.set_defaults(stage="teacher")
+    return parser
+
+
+def _run(namespace: argparse.Namespace) -> dict:
+    if namespace.stage == "llamacpp":
+        from distill import llamacpp
+
+        tools = (
+            llamacpp.build(namespace.variant)
+            if namespace.action == "build"
+            else llamacpp.require_tools(namespace.variant)
+        )
+        return {"bin": str(tools.bin), **tools.version()}
+    if namespace.stage == "teacher":
+        from distill.models import resolve_model
+
+        path, source = resolve_model(None)
+        return {"path": str(path), **source}
+    import importlib
+
+    cls = ops.args_class(namespace.stage)
+    args = argspec.parse_into(cls, namespace)
+    module = importlib.import_module(cls.__module__)
+    return module.run(args)
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from distill.records import RecordError
+
+    return (RecordError, ValueError, FileNotFoundError, IsADirectoryError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``distill``; returns the exit code."""
+    parser = _parser()
+    namespace = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG
+        if namespace.debug
+        else logging.WARNING
+        if namespace.quiet
+        else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    prog = f"distill {namespace.stage}"
+    try:
+        summary = _run(namespace)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except _bad_input_errors() as err:
+        if namespace.debug:
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as err:
+        if namespace.debug:
+            raise
+        message = str(err).strip() or type(err).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

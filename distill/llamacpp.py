@@ -1,0 +1,224 @@
+"""The pinned llama.cpp tools: find them, or build them once from the llama-cpp-python sdist.
+
+    distill llamacpp build            # once: ~15-20 min of CPU on 2 cores
+    distill llamacpp where            # print the bin directory and the pinned commit
+
+No GitHub is reachable here, so the pinned source is the ``vendor/llama.cpp`` tree of the
+``llama-cpp-python`` source distribution on PyPI (``pip download --no-binary :all:``). Its git
+history is shallow, so the build number llama.cpp reports means nothing: the pin is recorded as
+the sdist version and the llama.cpp commit it vendors.
+
+Only the needed targets are built, without the web UI (whose build would download it), tests or
+examples, statically linked so the binaries can be copied to same-architecture hosts.
+``$PIDISTILL_LLAMA_CPP_BIN`` points at an existing build instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.models import cache_dir, file_lock
+
+log = logging.getLogger(__name__)
+
+SDIST_VERSION = "0.3.36"
+LLAMA_CPP_COMMIT = "0c1e570"
+TARGETS: tuple[str, ...] = (
+    "llama-server",
+    "llama-quantize",
+    "llama-bench",
+    "llama-cli",
+    "llama-imatrix",
+)
+CMAKE_FLAGS: tuple[str, ...] = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DBUILD_SHARED_LIBS=OFF",
+)
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "native": ("-DGGML_NATIVE=ON",),
+    "openblas": ("-DGGML_NATIVE=ON", "-DGGML_BLAS=ON", "-DGGML_BLAS_VENDOR=OpenBLAS"),
+}
+
+
+class LlamaCppError(RuntimeError):
+    """A llama.cpp tool that is missing or failed; the message names the command."""
+
+
+@dataclass(frozen=True)
+class Tools:
+    """Where one build of the pinned llama.cpp lives."""
+
+    source: Path
+    bin: Path
+    variant: str
+
+    def tool(self, name: str) -> Path:
+        """Path of one binary (``llama-server``...), or a clear error if it was not built."""
+        path = self.bin / name
+        if not path.is_file():
+            raise LlamaCppError(f"{path}: not built; run `distill llamacpp build`")
+        return path
+
+    @property
+    def converter(self) -> Path:
+        """llama.cpp's own ``convert_hf_to_gguf.py``."""
+        return self.source / "convert_hf_to_gguf.py"
+
+    @property
+    def gguf_py(self) -> Path:
+        """The ``gguf-py`` of the same tree (the PyPI ``gguf`` release lags it)."""
+        return self.source / "gguf-py"
+
+    def version(self) -> dict[str, str]:
+        """The pin, for manifests and model cards."""
+        return {
+            "llama_cpp_commit": LLAMA_CPP_COMMIT,
+            "source": f"llama-cpp-python {SDIST_VERSION} sdist (vendor/llama.cpp)",
+            "variant": self.variant,
+        }
+
+
+def root() -> Path:
+    """``<cache>/llama.cpp``: the source tree and one build directory per variant."""
+    return cache_dir() / "llama.cpp"
+
+
+def find_tools(variant: str = "native") -> Tools | None:
+    """The built tools, or ``None`` when they are not built yet."""
+    override = os.environ.get("PIDISTILL_LLAMA_CPP_BIN")
+    source = root() / "src"
+    if override:
+        return Tools(source=source, bin=Path(override), variant="external")
+    bin_dir = root() / f"build-{variant}" / "bin"
+    if all((bin_dir / t).is_file() for t in TARGETS) and (source / "CMakeLists.txt").is_file():
+        return Tools(source=source, bin=bin_dir, variant=variant)
+    return None
+
+
+def fetch_source() -> Path:
+    """Unpack ``vendor/llama.cpp`` from the pinned sdist (``pip download``) into the cache."""
+    source = root() / "src"
+    if (source / "CMakeLists.txt").is_file():
+        return source
+    root().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root()) as tmp:
+        log.info("downloading llama-cpp-python %s sdist (pinned llama.cpp source)", SDIST_VERSION)
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"llama-cpp-python=={SDIST_VERSION}",
+                "-d",
+                tmp,
+            ]
+        )
+        archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        prefix = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for member in members:
+                member.name = member.name[len(prefix) :]
+            tar.extractall(Path(tmp) / "src", members=members, filter="data")
+        (Path(tmp) / "src").rename(source)
+    return source
+
+
+def build(variant: str = "native", jobs: int | None = None) -> Tools:
+    """Configure and build the pinned tools (once; a second call finds them)."""
+    if variant not in VARIANTS:
+        raise LlamaCppError(f"unknown build variant {variant!r} (known: {', '.join(VARIANTS)})")
+    found = find_tools(variant)
+    if found:
+        return found
+    with file_lock(root() / f"build-{variant}.lock"):
+        found = find_tools(variant)
+        if found:
+            return found
+        source = fetch_source()
+        build_dir = root() / f"build-{variant}"
+        run(["cmake", "-S", str(source), "-B", str(build_dir), *CMAKE_FLAGS, *VARIANTS[variant]])
+        run(
+            [
+                "cmake",
+                "--build",
+                str(build_dir),
+                "-j",
+                str(jobs or os.cpu_count() or 2),
+                "--target",
+                *TARGETS,
+            ],
+            stream=True,
+        )
+        (build_dir / "pidistill-build.json").write_text(
+            json.dumps({"variant": variant, "commit": LLAMA_CPP_COMMIT, "flags": VARIANTS[variant]})
+        )
+    tools = find_tools(variant)
+    if tools is None:
+        raise LlamaCppError(f"build finished but {build_dir}/bin lacks some of {TARGETS}")
+    return tools
+
+
+def require_tools(variant: str = "native") -> Tools:
+    """The tools, or an error that says how to build them."""
+    tools = find_tools(variant)
+    if tools is None:
+        raise LlamaCppError(
+            f"the pinned llama.cpp ({variant}) is not built under {root()}: "
+            "run `make llamacpp` (or `distill llamacpp build`)"
+        )
+    return tools
+
+
+def run(
+    cmd: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    stream: bool = False,
+    tail: int = 30,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, logged; on failure raise with the command and the tail of its output."""
+    log.info("$ %s", " ".join(cmd))
+    if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
+        raise LlamaCppError(f"{cmd[0]}: command not found")
+    if stream:
+        # Long builds: show progress as it comes, keep the tail for the error message.
+        lines: list[str] = []
+        with subprocess.Popen(
+            cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                del lines[:-tail]
+                if line.startswith("[") and "%]" in line[:8]:
+                    log.info("%s", line.rstrip())
+            code = proc.wait()
+        result = subprocess.CompletedProcess(cmd, code, "".join(lines), "")
+    else:
+        result = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        output = (result.stderr or result.stdout or "").strip().splitlines()[-tail:]
+        raise LlamaCppError(
+            f"command failed (exit {result.returncode}): {' '.join(cmd)}\n" + "\n".join(output)
+        )
+    return result

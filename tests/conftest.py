@@ -1,0 +1,53 @@
+"""Shared fixtures: the sample data, a tiny local model, the pinned llama.cpp tools.
+
+Nothing here reaches a model hub: the tiny model is made on the spot (a sentencepiece tokenizer
+trained on the sample corpus and a randomly initialised LlamaForCausalLM), once per session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET = ROOT / "dataset"
+SAMPLE_FILES = (DATASET / "quebecois_distill.jsonl", DATASET / "quebecois_conversation.jsonl")
+
+# Tests share the project cache (converted teacher, llama.cpp build) unless told otherwise.
+os.environ.setdefault("PIDISTILL_CACHE_DIR", str(ROOT / ".cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def corpus_texts() -> list[str]:
+    """Every system hint and user text of the sample data: the tiny tokenizer's corpus."""
+    from distill.records import read_many
+
+    texts = []
+    for record in read_many(SAMPLE_FILES):
+        texts.extend([record.system_hint, record.user])
+    return texts
+
+
+@pytest.fixture(scope="session")
+def sample_files() -> tuple[Path, Path]:
+    """The two sample JSONL files shipped in ``dataset/``."""
+    return SAMPLE_FILES
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LlamaForCausalLM of a few hundred thousand parameters, with its sentencepiece tokenizer."""
+    from distill.models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), corpus_texts())
+
+
+@pytest.fixture(scope="session")
+def llama_tools():
+    """The pinned llama.cpp build (`make llamacpp` builds it; `make test` depends on it)."""
+    from distill.llamacpp import require_tools
+
+    return require_tools()
