@@ -134,9 +134,13 @@ class LabelArgs:
         self.output = Path(self.output)
         if self.input.resolve() == self.output.resolve():
             raise ValueError("--output must differ from --input")
-        if self.rejects is None:
-            self.rejects = self.output.with_name(self.output.stem + ".rejects.jsonl")
-        self.rejects = Path(self.rejects)
+        if self.rejects is not None:
+            self.rejects = Path(self.rejects)
+
+    @property
+    def rejects_path(self) -> Path:
+        """``--rejects``, else ``OUTPUT.rejects.jsonl`` beside the output."""
+        return self.rejects or self.output.with_name(self.output.stem + ".rejects.jsonl")
 
 
 @dataclass
@@ -463,7 +467,7 @@ def label(
     records = read_records(args.input)
     if args.limit:
         records = records[: args.limit]
-    summary = Summary(total=len(records), output=str(args.output), rejects=str(args.rejects))
+    summary = Summary(total=len(records), output=str(args.output), rejects=str(args.rejects_path))
     done: set[str] = set()
     existing_output = args.output.exists() and args.output.stat().st_size > 0
     if existing_output and not (args.skip_existing or args.overwrite):
@@ -471,11 +475,11 @@ def label(
             f"{args.output}: already holds rows; --skip-existing resumes, --overwrite replaces"
         )
     if args.overwrite:
-        for path in (args.output, args.rejects):
+        for path in (args.output, args.rejects_path):
             path.unlink(missing_ok=True)
     elif args.skip_existing:
         done_output = _done_ids(args.output)
-        done = set(done_output) | set(_done_ids(args.rejects))
+        done = set(done_output) | set(_done_ids(args.rejects_path))
     todo = [r for r in records if r.id not in done]
     summary.skipped_ids = [r.id for r in records if r.id in done]
     summary.skipped = len(summary.skipped_ids)
@@ -515,7 +519,7 @@ def label(
         for batch in batches:
             good, bad = _label_batch(teacher, batch, base, args, labeller, summary)
             append_rows(args.output, good)
-            append_rows(args.rejects, bad)
+            append_rows(args.rejects_path, bad)
             summary.labelled += len(good)
             summary.rejected += len(bad)
             summary.seconds = time.perf_counter() - started

@@ -51,3 +51,28 @@ def llama_tools():
     from distill.llamacpp import require_tools
 
     return require_tools()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model: Path, llama_tools, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model converted to an f16 GGUF by llama.cpp's own converter."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-f16.gguf"
+    env = {**os.environ, "PYTHONPATH": str(llama_tools.gguf_py)}
+    subprocess.run(
+        [
+            sys.executable,
+            str(llama_tools.converter),
+            str(tiny_model),
+            "--outfile",
+            str(out),
+            "--outtype",
+            "f16",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    return out

