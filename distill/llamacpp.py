@@ -15,6 +15,7 @@ examples, statically linked so the binaries can be copied to same-architecture h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,3 +225,79 @@ def run(
             f"command failed (exit {result.returncode}): {' '.join(cmd)}\n" + "\n".join(output)
         )
     return result
+
+
+def free_port() -> int:
+    """An unused TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(
+    model: Path,
+    *,
+    parallel: int = 1,
+    ctx_size: int = 2048,
+    threads: int | None = None,
+    extra: Sequence[str] = (),
+    tools: Tools | None = None,
+    startup_timeout: float = 120.0,
+) -> Iterator[str]:
+    """Run llama-server on 127.0.0.1 for the duration of a ``with`` block; yield its base URL.
+
+    ``parallel`` slots share the context (each gets ``ctx_size``); the server is stopped with
+    SIGTERM (then SIGKILL) on exit, and a server that dies at start-up raises with its log tail.
+    """
+    import urllib.error
+    import urllib.request
+
+    tools = tools or require_tools()
+    port = free_port()
+    cmd = [
+        str(tools.tool("llama-server")),
+        "-m",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--parallel",
+        str(parallel),
+        "--ctx-size",
+        str(ctx_size * parallel),
+        "--no-webui",
+        *(["--threads", str(threads)] if threads else []),
+        *extra,
+    ]
+    log.info("$ %s", " ".join(cmd))
+    with tempfile.TemporaryFile("w+") as logfile:
+        proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while True:
+                if proc.poll() is not None:
+                    logfile.seek(0)
+                    tail = "\n".join(logfile.read().splitlines()[-20:])
+                    raise LlamaCppError(f"llama-server exited ({proc.returncode}): {tail}")
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except (urllib.error.URLError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise LlamaCppError(f"llama-server not healthy after {startup_timeout:.0f}s")
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
