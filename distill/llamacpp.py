@@ -43,6 +43,7 @@ TARGETS: tuple[str, ...] = (
     "llama-bench",
     "llama-cli",
     "llama-imatrix",
+    "llama-perplexity",
 )
 CMAKE_FLAGS: tuple[str, ...] = (
     "-DCMAKE_BUILD_TYPE=Release",

@@ -1,0 +1,577 @@
+"""The agent: HTTP API, llama-server supervision, model store, metrics and benchmarks together.
+
+``Agent.handle`` is the whole API (its routes are listed in ``pi_agent.openapi``). Completions and
+embeddings are proxied to the supervised llama-servers on 127.0.0.1, server-sent events chunk by
+chunk. A model switch probes the new model with a real prompt and rolls back by itself when the
+probe fails; a switch interrupted by a kill is finished (probed, kept or rolled back) at the next
+start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pi_agent import __version__, http, metrics, sdnotify
+from pi_agent.config import Config
+from pi_agent.fsutil import atomic_write
+from pi_agent.host import Host, decode_throttled
+from pi_agent.http import HTTPError, Request, Response, StreamResponse
+from pi_agent.openapi import SCHEMAS, ValidationError, document, validate
+from pi_agent.store import ModelStore, StoreError
+from pi_agent.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+PENDING = "pending-switch.json"
+_VERSION_PATH = re.compile(r"^/v1/models/([^/]+)(/activate)?$")
+Route = Callable[[Request], Awaitable[Response | StreamResponse]]
+
+
+class Agent:
+    """One pi-agent; ``start`` it, ``serve_forever`` until ``stop``."""
+
+    def __init__(self, cfg: Config, token: str) -> None:
+        self.token = token.encode()
+        self.started = time.time()
+        self.server = http.Server(self.handle)
+        self.port = 0
+        self._bench_lock = asyncio.Lock()
+        self._switch_lock = asyncio.Lock()
+        self._ready_cache: tuple[float, bool] = (0.0, False)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+        self.llama_version = ""
+        self.supervisors: dict[str, Supervisor] = {}
+        self.configure(cfg)
+
+    # configuration
+
+    def configure(self, cfg: Config) -> None:
+        """Apply a configuration (at start and on SIGHUP) except the listen address."""
+        self.cfg = cfg
+        agent = cfg["agent"]
+        self.state_dir = Path(agent["state_dir"])
+        self.host = Host(Path(agent["root"]))
+        store = cfg["store"]
+        self.store = ModelStore(
+            self.state_dir / "models",
+            store["keep_versions"],
+            int(store["free_space_margin_mib"] * (1 << 20)),
+        )
+        self.bin_dir = Path(cfg["llama"]["bin_dir"])
+        sources = {
+            "thermal": lambda: metrics.ThermalCollector(self.host),
+            "throttling": lambda: metrics.ThrottlingCollector(
+                self.host, cfg["metrics"]["vcgencmd"]
+            ),
+            "memory": lambda: metrics.MemoryCollector(self.host),
+            "zram": lambda: metrics.ZramCollector(self.host),
+            "cpu": lambda: metrics.CpuCollector(self.host),
+            "llama_server": lambda: metrics.LlamaServerCollector(lambda: self.supervisors),
+            "bench": lambda: metrics.BenchCollector(self.state_dir),
+        }
+        self.registry = metrics.Registry(
+            [sources[name]() for name in cfg["metrics"]["collectors"]], self.host
+        )
+
+    def _model_for(self, role: str) -> Path | None:
+        explicit = self.cfg[role]["model"]
+        if explicit:
+            return Path(explicit)
+        return self.store.active_model() if role == "decoder" else None
+
+    async def _sync_supervisors(self, force: bool = False) -> None:
+        for role in ("decoder", "encoder"):
+            section = self.cfg[role]
+            sup = self.supervisors.get(role)
+            if not section["enabled"]:
+                if sup is not None:
+                    await sup.stop()
+                    del self.supervisors[role]
+                continue
+            model = self._model_for(role)
+            if sup is None:
+                sup = self.supervisors[role] = Supervisor(
+                    role,
+                    self.bin_dir / "llama-server",
+                    section,
+                    self.cfg["llama"],
+                    self.state_dir / "logs",
+                )
+                sup.start(model)
+            elif force or sup.section != section or sup.llama != self.cfg["llama"]:
+                sup.llama = self.cfg["llama"]
+                sup.binary = self.bin_dir / "llama-server"
+                await sup.restart(model, section)
+
+    async def reload(self, cfg: Config, token: str) -> None:
+        """SIGHUP: the new config and token; llama-servers restart only if their settings moved."""
+        old = self.cfg["agent"]
+        if (cfg["agent"]["listen"], cfg["agent"]["port"]) != (old["listen"], old["port"]):
+            log.warning("agent.listen and agent.port change only at restart")
+        self.token = token.encode()
+        self.configure(cfg)
+        logging.getLogger().setLevel(cfg["agent"]["log_level"].upper())
+        await self._sync_supervisors()
+        log.info("configuration reloaded")
+
+    # life cycle
+
+    async def start(self) -> int:
+        """Recover the store, start llama-servers, listen; returns the bound port."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.store.recover)
+        self._spawn(self._llama_version())
+        await self._sync_supervisors()
+        if (self.store.root / PENDING).is_file():
+            self._spawn(self._finish_interrupted_switch())
+        agent = self.cfg["agent"]
+        self.port = await self.server.start(agent["listen"], agent["port"])
+        log.info("pi-agent %s listening on http://%s:%d", __version__, agent["listen"], self.port)
+        sdnotify.notify(f"READY=1\nSTATUS=serving on port {self.port}\nMAINPID={os.getpid()}")
+        interval = sdnotify.watchdog_interval()
+        if interval and agent["watchdog"]:
+            self._spawn(self._watchdog(interval))
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop serving and stop the llama-servers (SIGTERM)."""
+        sdnotify.notify("STOPPING=1")
+        await self.server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(sup.stop() for sup in self.supervisors.values()))
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Until ``stop`` has finished."""
+        await self._stopped.wait()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _llama_version(self) -> None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                str(self.bin_dir / "llama-server"), "--version",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            out, _ = await asyncio.wait_for(proc.communicate(), 10)
+            self.llama_version = out.decode(errors="replace").strip().splitlines()[0]
+        except (OSError, TimeoutError, IndexError):
+            self.llama_version = ""
+
+    # the API
+
+    async def handle(self, request: Request) -> Response | StreamResponse:
+        """Route one request (authentication first, except for /healthz)."""
+        started = time.perf_counter()
+        response = await self._route(request)
+        log.debug(
+            "%s %s %s %d %.1f ms",
+            request.peer,
+            request.method,
+            request.path,
+            response.status,
+            (time.perf_counter() - started) * 1000,
+        )
+        return response
+
+    async def _route(self, request: Request) -> Response | StreamResponse:
+        path, method = request.path, request.method
+        if path == "/healthz" and method in ("GET", "HEAD"):
+            return Response.json({"status": "ok"})
+        self._authenticate(request)
+        routes: dict[str, dict[str, Route]] = {
+            "/readyz": {"GET": self.readyz},
+            "/metrics": {"GET": self.metrics},
+            "/openapi.json": {"GET": self.openapi},
+            "/v1/status": {"GET": self.status},
+            "/v1/chat/completions": {"POST": self.chat},
+            "/v1/completions": {"POST": self.completions},
+            "/v1/embeddings": {"POST": self.embeddings},
+            "/v1/models": {"GET": self.list_models, "POST": self.install_url},
+            "/v1/models/rollback": {"POST": self.rollback},
+            "/v1/bench": {"GET": self.last_bench, "POST": self.run_bench},
+            "/v1/bench/csv": {"GET": self.last_bench_csv},
+        }
+        table = routes.get(path)
+        if table is None:
+            match = _VERSION_PATH.match(path)
+            if match and match.group(2):
+                table = {"POST": self.activate}
+            elif match:
+                table = {"GET": self.get_model, "PUT": self.upload, "DELETE": self.delete_model}
+            else:
+                raise HTTPError(404, f"no such endpoint: {path}")
+        handler = table.get(method)
+        if handler is None:
+            raise HTTPError(
+                405, f"{method} is not allowed on {path}", {"Allow": ", ".join(sorted(table))}
+            )
+        try:
+            return await handler(request)
+        except StoreError as exc:
+            raise HTTPError(exc.status, str(exc)) from None
+
+    def _authenticate(self, request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise HTTPError(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode("utf-8", "replace"), self.token):
+            raise HTTPError(403, "invalid bearer token")
+
+    async def _body(self, request: Request, schema: str, required: bool = True) -> dict[str, Any]:
+        if not required and request.content_length == 0:
+            return {}
+        data = await request.json(self.cfg["agent"]["max_body_bytes"])
+        try:
+            validate(data, SCHEMAS[schema])
+        except ValidationError as exc:
+            raise HTTPError(400, str(exc)) from None
+        return data
+
+    async def readyz(self, request: Request) -> Response:
+        """200 when every enabled llama-server is up and answering."""
+        now = time.monotonic()
+        checked, ready = self._ready_cache
+        states = {role: sup.state for role, sup in self.supervisors.items()}
+        if now - checked > 1.0:
+            ready = (
+                bool(self.supervisors)
+                and all(await asyncio.gather(*(s.healthy() for s in self.supervisors.values())))
+                and all(state == "ready" for state in states.values())
+            )
+            self._ready_cache = (now, ready)
+        body = {"ready": ready, "servers": states}
+        return Response.json(body, 200 if ready else 503, {} if ready else {"Retry-After": "1"})
+
+    async def metrics(self, request: Request) -> Response:
+        """The Prometheus exposition."""
+        text = await self.registry.render()
+        return Response(200, text.encode(), metrics.CONTENT_TYPE)
+
+    async def openapi(self, request: Request) -> Response:
+        """The OpenAPI document."""
+        return Response.json(document())
+
+    async def status(self, request: Request) -> Response:
+        """Host, board, model, llama.cpp build, uptime, zram, temperature, throttling."""
+        host = self.host
+
+        def safe(read: Callable[[], Any]) -> Any:
+            try:
+                return read()
+            except (OSError, ValueError):
+                return None
+
+        active = self.store.active()
+        model = None
+        if active:
+            with contextlib.suppress(StoreError):
+                manifest = self.store.manifest(active)
+                model = {k: manifest.get(k) for k in ("name", "version", "sha256", "size")}
+        throttled = safe(lambda: host.throttled(self.cfg["metrics"]["vcgencmd"]))
+        return Response.json({
+            "agent": {"version": __version__, "uptime_s": round(time.time() - self.started, 3),
+                      "pid": os.getpid()},
+            "host": safe(host.hostname),
+            "board": host.board(),
+            "board_model": safe(host.board_model),
+            "uptime_s": safe(host.uptime_seconds),
+            "temperature_c": host.temperature(),
+            "throttled": None if throttled is None else {
+                "raw": hex(throttled[0]), "source": throttled[1], **decode_throttled(throttled[0])},
+            "zram": safe(host.zram),
+            "model": model,
+            "llama_cpp": {"build": self.cfg["llama"]["build"], "version": self.llama_version},
+            "servers": {role: {"state": s.state, "restarts": s.restarts, "pid": s.pid,
+                               "last_error": s.last_error}
+                        for role, s in self.supervisors.items()},
+        })  # fmt: skip
+
+    # proxying
+
+    async def _proxy(self, role: str, path: str, body: dict[str, Any]) -> Response | StreamResponse:
+        sup = self.supervisors.get(role)
+        if sup is None:
+            raise HTTPError(404, f"no {role} is configured on this Pi")
+        if sup.state != "ready":
+            raise HTTPError(503, f"the {role} is {sup.state}", {"Retry-After": "1"})
+        try:
+            upstream = await sup.call(
+                "POST", path, json.dumps(body).encode(), self.cfg["agent"]["request_timeout_s"]
+            )
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+            raise HTTPError(503, f"the {role} is not answering", {"Retry-After": "1"}) from None
+        ctype = upstream.headers.get("content-type", "application/json")
+        if upstream.status == 200 and ctype.startswith("text/event-stream"):
+            return StreamResponse(upstream.chunks(), 200, "text/event-stream")
+        try:
+            data = await upstream.read()
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            raise HTTPError(
+                503, f"the {role} closed the connection", {"Retry-After": "1"}
+            ) from None
+        if upstream.status >= 500:
+            log.warning("%s answered %d: %s", role, upstream.status, data[:200])
+            raise HTTPError(502, f"the {role} failed ({upstream.status})")
+        return Response(upstream.status, data, ctype)
+
+    async def chat(self, request: Request) -> Response | StreamResponse:
+        """OpenAI chat completion."""
+        return await self._proxy(
+            "decoder", "/v1/chat/completions", await self._body(request, "ChatCompletionRequest")
+        )
+
+    async def completions(self, request: Request) -> Response | StreamResponse:
+        """OpenAI text completion."""
+        return await self._proxy(
+            "decoder", "/v1/completions", await self._body(request, "CompletionRequest")
+        )
+
+    async def embeddings(self, request: Request) -> Response | StreamResponse:
+        """OpenAI embeddings."""
+        return await self._proxy(
+            "encoder", "/v1/embeddings", await self._body(request, "EmbeddingRequest")
+        )
+
+    # models
+
+    def _model_entry(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": manifest["version"],
+            "object": "model",
+            "created": int(manifest.get("installed_at", 0)),
+            "owned_by": "pi-agent",
+            **{k: manifest[k] for k in ("version", "name", "sha256", "size")},
+            "active": bool(manifest.get("active")),
+            "previous": bool(manifest.get("previous")),
+        }
+
+    async def list_models(self, request: Request) -> Response:
+        """Installed versions, in OpenAI's list shape."""
+        return Response.json(
+            {"object": "list", "data": [self._model_entry(m) for m in self.store.list()]}
+        )
+
+    async def get_model(self, request: Request) -> Response:
+        """One version's manifest."""
+        version = _VERSION_PATH.match(request.path).group(1)  # type: ignore[union-attr]
+        manifest = self.store.manifest(version)
+        manifest["active"] = version == self.store.active()
+        manifest["previous"] = version == self.store.previous_version()
+        return Response.json(self._model_entry(manifest))
+
+    async def install_url(self, request: Request) -> Response:
+        """Install from a URL (verified by sha256), optionally activating it."""
+        body = await self._body(request, "InstallRequest")
+        try:
+            manifest = await asyncio.to_thread(
+                self.store.install_url,
+                body["version"],
+                body["url"],
+                body["sha256"],
+                body.get("name", ""),
+                self.cfg["store"]["download_timeout_s"],
+            )
+        except StoreError as exc:
+            if exc.status == 502:  # an unreachable URL is the caller's to fix
+                raise StoreError(str(exc), 422) from None
+            raise
+        if body.get("activate"):
+            return await self._switch(body["version"], created=True)
+        return Response.json(manifest, 201)
+
+    async def upload(self, request: Request) -> Response:
+        """Install the request body (raw GGUF) as a version, verified by sha256."""
+        version = _VERSION_PATH.match(request.path).group(1)  # type: ignore[union-attr]
+        sha256 = request.query.get("sha256", "")
+        if "content-length" not in request.headers:
+            raise HTTPError(411, "an upload needs Content-Length")
+        limit = self.cfg["agent"]["max_upload_bytes"]
+        if request.content_length > limit:
+            raise HTTPError(413, f"upload larger than {limit} bytes")
+        incoming = await asyncio.to_thread(
+            self.store.begin,
+            version,
+            sha256,
+            request.query.get("name", ""),
+            request.content_length,
+        )
+        try:
+            async for chunk in request.stream():
+                incoming.write(chunk)  # into the page cache: microseconds per 64 KiB
+        except BaseException:
+            incoming.abort()
+            raise
+        manifest = await asyncio.to_thread(incoming.commit)
+        return Response.json(manifest, 201)
+
+    async def delete_model(self, request: Request) -> Response:
+        """Delete a version that is neither active nor previous."""
+        version = _VERSION_PATH.match(request.path).group(1)  # type: ignore[union-attr]
+        async with self._switch_lock:
+            await asyncio.to_thread(self.store.remove, version)
+        return Response.json({"deleted": version})
+
+    async def activate(self, request: Request) -> Response:
+        """Switch to a version, probe it, roll back if the probe fails."""
+        version = _VERSION_PATH.match(request.path).group(1)  # type: ignore[union-attr]
+        return await self._switch(version)
+
+    async def rollback(self, request: Request) -> Response:
+        """Switch back to the previous version."""
+        previous = self.store.previous_version()
+        if previous is None:
+            raise HTTPError(409, "no previous model version to roll back to")
+        return await self._switch(previous)
+
+    async def _restart_decoder(self) -> str | None:
+        sup = self.supervisors.get("decoder")
+        if sup is None or self.cfg["decoder"]["model"]:
+            return None  # nothing serves the store's model here: the switch is all there is
+        await sup.restart(self.store.active_model())
+        store = self.cfg["store"]
+        return await sup.probe(
+            store["probe_prompt"], store["probe_max_tokens"], store["probe_timeout_s"]
+        )
+
+    async def _switch(self, version: str, created: bool = False) -> Response:
+        if self._switch_lock.locked():
+            raise HTTPError(409, "another model switch is in progress")
+        async with self._switch_lock:
+            self.store.manifest(version)
+            old = self.store.active()
+            marker = self.store.root / PENDING
+            await asyncio.to_thread(atomic_write, marker, json.dumps({"from": old, "to": version}))
+            try:
+                await asyncio.to_thread(self.store.switch, version)
+                failure = await self._restart_decoder() if old != version else None
+                if failure is not None:
+                    log.error(
+                        "model %s failed its probe (%s); rolling back to %s", version, failure, old
+                    )
+                    if old is not None:
+                        await asyncio.to_thread(self.store.switch, old, False)
+                        await self._restart_decoder()
+                    raise HTTPError(
+                        409,
+                        f"model {version} failed its readiness probe "
+                        f"({failure}); rolled back to {old}",
+                    )
+                removed = await asyncio.to_thread(self.store.prune)
+            finally:
+                marker.unlink(missing_ok=True)
+        manifest = self.store.manifest(version)
+        return Response.json(
+            {"active": version, "previous": old, "pruned": removed, "sha256": manifest["sha256"]},
+            201 if created else 200,
+        )
+
+    async def _finish_interrupted_switch(self) -> None:
+        marker = self.store.root / PENDING
+        try:
+            pending = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            marker.unlink(missing_ok=True)
+            return
+        async with self._switch_lock:
+            sup = self.supervisors.get("decoder")
+            store = self.cfg["store"]
+            if sup is not None and not self.cfg["decoder"]["model"] and self.store.active():
+                failure = await sup.probe(
+                    store["probe_prompt"], store["probe_max_tokens"], store["probe_timeout_s"]
+                )
+                old = pending.get("from")
+                if failure and old and self.store.active() != old:
+                    log.error(
+                        "interrupted switch: %s fails (%s); back to %s",
+                        self.store.active(),
+                        failure,
+                        old,
+                    )
+                    await asyncio.to_thread(self.store.switch, old, False)
+                    await self._restart_decoder()
+            marker.unlink(missing_ok=True)
+
+    # benchmarks
+
+    async def run_bench(self, request: Request) -> Response:
+        """Run llama-bench on the active model; 409 while another runs."""
+        from pi_agent import bench
+
+        body = await self._body(request, "BenchRequest", required=False)
+        conf = self.cfg["bench"]
+        try:
+            params = bench.BenchParams(
+                threads=tuple(body.get("threads", conf["threads"])),
+                n_prompt=body.get("n_prompt", conf["n_prompt"]),
+                n_gen=body.get("n_gen", conf["n_gen"]),
+                repetitions=body.get("repetitions", conf["repetitions"]),
+            )
+        except bench.BenchError as exc:
+            raise HTTPError(400, str(exc)) from None
+        model = self._model_for("decoder")
+        if model is None or not model.exists():
+            raise HTTPError(409, "no active model to benchmark")
+        if self._bench_lock.locked():
+            raise HTTPError(409, "a benchmark is already running")
+        async with self._bench_lock:
+            active = self.store.active()
+            sha = ""
+            if active and not self.cfg["decoder"]["model"]:
+                sha = self.store.manifest(active)["sha256"]
+            history = sorted(Path(conf["history_dir"]).glob("*.csv")) if conf["history_dir"] else []
+            try:
+                summary = await asyncio.to_thread(
+                    bench.run,
+                    binary=self.bin_dir / "llama-bench",
+                    model=model,
+                    model_sha256=sha,
+                    params=params,
+                    host=self.host,
+                    out_dir=self.state_dir / "bench",
+                    vcgencmd=self.cfg["metrics"]["vcgencmd"],
+                    build=self.cfg["llama"]["build"],
+                    tolerance=conf["tolerance"],
+                    history=history,
+                    timeout=conf["timeout_s"],
+                )
+            except bench.BenchError as exc:
+                raise HTTPError(422, str(exc)) from None
+        return Response.json(summary)
+
+    async def last_bench(self, request: Request) -> Response:
+        """The last benchmark's summary."""
+        path = self.state_dir / "bench" / "last.json"
+        if not path.is_file():
+            raise HTTPError(404, "no benchmark has run yet")
+        return Response(200, path.read_bytes())
+
+    async def last_bench_csv(self, request: Request) -> Response:
+        """The last benchmark's CSV."""
+        path = self.state_dir / "bench" / "last.json"
+        if not path.is_file():
+            raise HTTPError(404, "no benchmark has run yet")
+        csv_path = Path(json.loads(path.read_text())["csv"])
+        return Response(200, csv_path.read_bytes(), "text/csv; charset=utf-8")

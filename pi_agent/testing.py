@@ -1,0 +1,169 @@
+"""Start a real ``pi-agent serve`` process and talk to it: used by the tests and the footprint.
+
+    with AgentProcess(tmp_path, {"decoder": {"enabled": False}}) as agent:
+        status, headers, body = agent.request("GET", "/v1/status")
+
+The agent runs as its own process on 127.0.0.1 and an ephemeral port (read back from its log),
+with a fresh token and state directory under ``base``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_PORT = re.compile(r"listening on http://[\d.]+:(\d+)")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def to_toml(config: dict[str, dict[str, Any]]) -> str:
+    """A two-level dict as TOML (all the agent's config needs)."""
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+class AgentProcess:
+    """A ``pi-agent serve`` subprocess with its own config, token and state directory."""
+
+    def __init__(
+        self,
+        base: Path,
+        config: dict[str, dict[str, Any]] | None = None,
+        env: dict[str, str] | None = None,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.base = Path(base)
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.token = secrets.token_hex(16)
+        self.token_file = self.base / "token"
+        self.token_file.write_text(self.token + "\n")
+        self.state_dir = self.base / "state"
+        merged: dict[str, dict[str, Any]] = {
+            "agent": {"port": 0, "token_file": self.token_file, "state_dir": self.state_dir}
+        }
+        for section, values in (config or {}).items():
+            merged.setdefault(section, {}).update(values)
+        self.config_path = self.base / "agent.toml"
+        self.config_path.write_text(to_toml(merged))
+        self.log_path = self.base / "agent.log"
+        self.env = env
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self) -> AgentProcess:
+        """Start the agent and wait until it listens."""
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pi_agent.cli", "serve", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=log,
+                env=self.env,
+            )
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            match = _PORT.search(self.log())
+            if match:
+                self.port = int(match.group(1))
+                return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"pi-agent did not start:\n{self.log()[-2000:]}")
+            time.sleep(0.02)
+
+    def log(self) -> str:
+        """Everything the agent logged so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def url(self) -> str:
+        """Base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def headers(self, token: str | None = None) -> dict[str, str]:
+        """The Authorization header with the agent's token (or ``token``)."""
+        return {"Authorization": f"Bearer {token if token is not None else self.token}"}
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 30.0,
+        auth: bool = True,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request; a dict or list body is sent as JSON."""
+        all_headers = dict(self.headers() if auth else {})
+        raw = body
+        if isinstance(body, dict | list):
+            raw = json.dumps(body).encode()
+            all_headers["Content-Type"] = "application/json"
+        all_headers.update(headers or {})
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=raw, headers=all_headers)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def json(self, method: str, path: str, body: Any = None, **kwargs: Any) -> tuple[int, Any]:
+        """One request; the answer parsed as JSON."""
+        status, _, raw = self.request(method, path, body, **kwargs)
+        return status, json.loads(raw) if raw else None
+
+    def wait_for(self, condition: Any, timeout: float = 30.0, interval: float = 0.05) -> Any:
+        """Poll ``condition()`` until it is truthy; its value, or ``TimeoutError``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"condition not met in {timeout} s; log:\n{self.log()[-2000:]}")
+            time.sleep(interval)
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the agent."""
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then wait (SIGKILL if it hangs); the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

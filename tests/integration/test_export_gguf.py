@@ -1,0 +1,168 @@
+"""``distill export`` and ``distill eval`` with the pinned llama.cpp: real conversion, quantization,
+loading and generation, failures that keep their intermediates, the encoder, the eval table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from distill import evaluate, export
+from distill.export import ExportArgs, ExportError
+
+pytestmark = pytest.mark.llamacpp
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+
+
+def labelled(path: Path, n: int = 12) -> Path:
+    rows = []
+    for i in range(n):
+        needs_json = i % 3 == 0
+        rows.append(
+            {
+                "id": f"r{i:02d}",
+                "system_hint": "Réponds en québécois.",
+                "user": "Salut! " + "Comment ça va? " * (i % 3 + 1),
+                "requires_json": needs_json,
+                "json_schema": SCHEMA if needs_json else None,
+                "split": "heldout" if i % 4 == 3 else "train",
+                "metadata": {
+                    "register": "familier",
+                    "dialect": "québécois",
+                    "provenance": {"source": "test", "labeller": {"prompt_style": "chat"}},
+                },
+                "assistant": '{"ok": true}' if needs_json else "Ben correct, pis toi? " * 4,
+            }
+        )
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def test_export_writes_ggufs_that_llama_cpp_loads_and_generates_from(
+    tiny_model: Path, llama_tools, tmp_path: Path
+) -> None:
+    import httpx
+
+    out = tmp_path / "dist"
+    summary = export.run(
+        ExportArgs(model=str(tiny_model), output_dir=out, name="tiny", quant=["Q8_0", "F16"])
+    )
+    assert summary["files"] == ["tiny-Q8_0.gguf", "tiny-F16.gguf"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "decoder" and manifest["llama_cpp"]["llama_cpp_commit"]
+    for entry in manifest["files"]:
+        gguf = out / entry["file"]
+        assert gguf.read_bytes()[:4] == b"GGUF"
+        digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+        assert entry["sha256"] == digest and entry["bytes"] == gguf.stat().st_size
+        assert (out / f"{entry['file']}.sha256").read_text() == f"{digest}  {entry['file']}\n"
+    assert (out / "tiny-tokenizer" / "tokenizer.model").is_file()
+    assert not list(out.glob(".export-*"))  # intermediates removed
+    server = llama_tools.tool("llama-server")
+    with evaluate.llama_server(server, out / "tiny-Q8_0.gguf", ctx=256) as url:
+        reply = httpx.post(
+            url + "/completion", json={"prompt": "Salut", "n_predict": 8}, timeout=60
+        ).json()
+    assert reply["tokens_predicted"] > 0 and isinstance(reply["content"], str)
+    with pytest.raises(ExportError, match="already exported"):
+        export.run(ExportArgs(model=str(tiny_model), output_dir=out, name="tiny", quant=["Q8_0"]))
+
+
+def test_failing_conversion_names_the_command_and_keeps_intermediates(
+    tiny_model: Path, llama_tools, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(config))
+    tmp_parent = tmp_path / "tmp"
+    with pytest.raises(ExportError) as caught:
+        export.run(
+            ExportArgs(
+                model=str(broken),
+                output_dir=tmp_path / "dist",
+                tmp_dir=tmp_parent,
+                preserve_tmp_dir=True,
+            )
+        )
+    message = str(caught.value)
+    assert "convert_hf_to_gguf.py" in message and "NoSuchModelForCausalLM" in message
+    kept = list(tmp_parent.glob(".export-broken-*"))
+    assert len(kept) == 1 and f"intermediates kept in {kept[0]}" in message
+    assert not list((tmp_path / "dist").glob("*.gguf"))
+
+
+def test_failing_quantization_keeps_the_converted_file(
+    tiny_model: Path, llama_tools, tmp_path: Path, monkeypatch
+) -> None:
+    from distill import llamacpp
+
+    real_run = llamacpp.run
+
+    def quantize_fails(cmd, **kwargs):
+        if "llama-quantize" in cmd[0]:
+            cmd = [cmd[0], "/nonexistent.gguf", *cmd[-3:]]
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(llamacpp, "run", quantize_fails)
+    with pytest.raises(ExportError, match=r"llama-quantize.*\n(.|\n)*intermediates kept"):
+        export.run(
+            ExportArgs(
+                model=str(tiny_model), output_dir=tmp_path / "d", name="t", preserve_tmp_dir=True
+            )
+        )
+    (kept,) = list((tmp_path / "d").glob(".export-t-*"))
+    assert (kept / "converted-f16.gguf").read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.slow
+def test_the_encoder_exports_as_an_embedding_gguf(llama_tools, tmp_path: Path) -> None:
+    import httpx
+
+    from distill.models import EMBEDDED_ENCODER
+
+    out = tmp_path / "enc"
+    summary = export.run(ExportArgs(model=EMBEDDED_ENCODER, output_dir=out, quant=["Q8_0"]))
+    assert summary["kind"] == "encoder" and summary["name"] == "all-minilm-l6-v2"
+    assert (out / "all-minilm-l6-v2-tokenizer" / "1_Pooling").is_dir()
+    server = llama_tools.tool("llama-server")
+    gguf = out / "all-minilm-l6-v2-Q8_0.gguf"
+    with evaluate.llama_server(server, gguf, ctx=256, extra=["--embeddings"]) as url:
+        reply = httpx.post(url + "/v1/embeddings", json={"input": "Salut!"}, timeout=60).json()
+    assert len(reply["data"][0]["embedding"]) == 384
+
+
+@pytest.mark.slow
+def test_train_export_eval_end_to_end(tiny_model: Path, llama_tools, tmp_path: Path) -> None:
+    from distill import train
+
+    data = labelled(tmp_path / "labelled.jsonl")
+    run_dir = tmp_path / "run"
+    train.run(
+        train.TrainArgs(
+            data=[data], output=run_dir, base_model=str(tiny_model), max_steps=4, batch_size=4,
+            lora_rank=4, learning_rate=1e-2, max_length=256,
+        )
+    )  # fmt: skip
+    dist = tmp_path / "dist"
+    export.run(ExportArgs(model=str(run_dir / "model"), output_dir=dist, quant=["Q8_0", "Q4_K_M"]))
+    summary = evaluate.run(
+        evaluate.EvalArgs(run_dir=run_dir, gguf_dir=dist, max_new_tokens=16, ppl_ctx=32)
+    )
+    assert summary["perplexity_dropped"] is True
+    assert 0.0 <= summary["json_valid_student"] <= 1.0 and summary["json_valid_teacher"] == 1.0
+    assert set(summary["agreement"]) == {"Q8_0", "Q4_K_M"}
+    assert summary["agreement"]["Q8_0"] >= 0.9
+    if (llama_tools.bin / "llama-perplexity").is_file():
+        assert all(v and v > 1 for v in summary["gguf_perplexity"].values())
+    else:  # an older build without it: the eval says so instead of failing
+        assert set(summary["gguf_perplexity"].values()) == {None}
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    assert evaluation["gguf"]["goal"]["quant"] == "Q8_0"
+    card = (run_dir / "model" / "README.md").read_text()
+    assert "| Q8_0 vs HF next-token top-1 agreement |" in card and "t-Q8_0" not in card

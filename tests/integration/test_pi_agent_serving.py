@@ -1,0 +1,271 @@
+"""The agent against real llama-servers (the tiny GGUF and MiniLM): the official openai client,
+authentication, crash recovery, model switches with probe and rollback, benchmarks, promtool."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pi_agent.store import ModelStore
+from pi_agent.testing import AgentProcess
+
+pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
+
+
+def agent_config(llama_tools, encoder: Path | None) -> dict:
+    return {
+        "agent": {"log_level": "info"},
+        "llama": {"bin_dir": llama_tools.bin, "restart_backoff_s": 0.2, "build": "0c1e570"},
+        "decoder": {
+            "ctx_size": 512,
+            "threads": 1,
+            "batch_size": 128,
+            "ubatch_size": 128,
+            "cache_reuse": 0,
+        },
+        "encoder": {"enabled": encoder is not None, "model": encoder or "", "threads": 1},
+        "store": {"free_space_margin_mib": 0, "probe_timeout_s": 30.0},
+        "metrics": {"vcgencmd": ""},
+        "bench": {"threads": [1], "n_prompt": 16, "n_gen": 8, "repetitions": 1},
+    }
+
+
+def seed_store(base: Path, gguf: Path) -> None:
+    store = ModelStore(base / "state" / "models")
+    store.recover()
+    store.install_file("tiny-v1", gguf, name="tiny")
+    store.switch("tiny-v1")
+
+
+@pytest.fixture(scope="module")
+def agent(
+    tmp_path_factory, llama_tools, pi_agent_tiny_gguf, pi_agent_encoder_gguf
+) -> Iterator[AgentProcess]:
+    base = tmp_path_factory.mktemp("serving")
+    seed_store(base, pi_agent_tiny_gguf)
+    with AgentProcess(base, agent_config(llama_tools, pi_agent_encoder_gguf)) as proc:
+        proc.wait_for(lambda: proc.request("GET", "/readyz")[0] == 200, timeout=60)
+        yield proc
+
+
+@pytest.fixture
+def client(agent: AgentProcess):
+    import openai
+
+    return openai.OpenAI(base_url=f"{agent.url}/v1", api_key=agent.token, max_retries=0, timeout=60)
+
+
+def test_chat_through_the_openai_client(client) -> None:
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Salut, ça va?"}], max_tokens=8
+    )
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.usage.completion_tokens > 0
+
+
+def test_streaming_chat_arrives_in_chunks(client) -> None:
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Raconte"}],
+        max_tokens=12,
+        stream=True,
+    )
+    chunks = list(stream)
+    assert len(chunks) >= 3
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_text_completion(client) -> None:
+    reply = client.completions.create(model="tiny", prompt="Bonjour", max_tokens=4)
+    assert reply.choices[0].finish_reason in ("length", "stop")
+
+
+def test_embeddings_through_the_encoder(client) -> None:
+    reply = client.embeddings.create(model="minilm", input=["bonjour", "salut la gang"])
+    assert len(reply.data) == 2 and len(reply.data[0].embedding) == 384
+    floats = client.embeddings.create(model="minilm", input="allô", encoding_format="float")
+    assert len(floats.data[0].embedding) == 384
+
+
+def test_openai_client_sees_401_and_403(agent: AgentProcess) -> None:
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(
+            base_url=f"{agent.url}/v1",
+            api_key="unused",
+            max_retries=0,
+            default_headers={"Authorization": "Basic dXNlcjpwYXNz"},
+        ).models.list()
+    with pytest.raises(openai.PermissionDeniedError):
+        openai.OpenAI(base_url=f"{agent.url}/v1", api_key="w" * 32, max_retries=0).models.list()
+
+
+def test_models_list_in_openai_shape(client) -> None:
+    ids = [m.id for m in client.models.list().data]
+    assert "tiny-v1" in ids
+
+
+def test_killed_llama_server_is_back_within_5_s(agent: AgentProcess, client) -> None:
+    pid = agent.json("GET", "/v1/status")[1]["servers"]["decoder"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+
+    def back() -> bool:
+        servers = agent.json("GET", "/v1/status")[1]["servers"]["decoder"]
+        return servers["state"] == "ready" and servers["pid"] not in (None, pid)
+
+    agent.wait_for(back, timeout=5, interval=0.05)
+    assert time.monotonic() - killed < 5
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
+    metrics = agent.request("GET", "/metrics")[2].decode()
+    assert 'pi_agent_llama_server_restarts_total{role="decoder"} 1' in metrics
+
+
+def test_metrics_with_llama_server_pass_promtool(agent: AgentProcess) -> None:
+    status, _, body = agent.request("GET", "/metrics")
+    text = body.decode()
+    assert status == 200
+    assert 'pi_agent_llama_server_up{role="decoder"} 1' in text
+    assert 'pi_agent_llama_server_up{role="encoder"} 1' in text
+    assert 'pi_agent_llamacpp_prompt_tokens_total{role="decoder"}' in text
+    assert 'pi_agent_scrape_collector_success{collector="llama_server"} 1' in text
+    if not shutil.which("promtool"):
+        pytest.skip("promtool (Debian package prometheus) is not installed")
+    check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_status_names_the_model_and_llama_cpp(agent: AgentProcess) -> None:
+    status = agent.json("GET", "/v1/status")[1]
+    assert status["model"]["version"] == "tiny-v1" and len(status["model"]["sha256"]) == 64
+    assert status["llama_cpp"]["build"] == "0c1e570" and status["llama_cpp"]["version"]
+
+
+def _upload(agent: AgentProcess, version: str, data: bytes) -> int:
+    sha = hashlib.sha256(data).hexdigest()
+    return agent.request(
+        "PUT",
+        f"/v1/models/{version}?sha256={sha}",
+        data,
+        headers={"Content-Type": "application/octet-stream"},
+    )[0]
+
+
+def test_switch_probes_and_a_broken_model_is_rolled_back(
+    agent: AgentProcess, client, pi_agent_tiny_gguf: Path
+) -> None:
+    assert _upload(agent, "tiny-v2", pi_agent_tiny_gguf.read_bytes()) == 201
+    status, body = agent.json("POST", "/v1/models/tiny-v2/activate", timeout=90)
+    assert status == 200 and body["previous"] == "tiny-v1"
+    assert _upload(agent, "broken", b"GGUF" + b"\0" * 4096) == 201
+    status, body = agent.json("POST", "/v1/models/broken/activate", timeout=90)
+    assert status == 409 and "rolled back to tiny-v2" in body["error"]["message"]
+    listing = {m.id: m for m in client.models.list().data}
+    assert listing["tiny-v2"].active  # type: ignore[attr-defined]
+    agent.wait_for(lambda: agent.request("GET", "/readyz")[0] == 200, timeout=30)
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
+
+
+def test_bench_endpoint_returns_and_keeps_the_csv(agent: AgentProcess) -> None:
+    status, summary = agent.json(
+        "POST",
+        "/v1/bench",
+        {"threads": [1], "n_prompt": 16, "n_gen": 8, "repetitions": 1},
+        timeout=120,
+    )
+    assert status == 200, summary
+    assert {r["test"] for r in summary["results"]} == {"pp16", "tg8"}
+    status, _, csv_text = agent.request("GET", "/v1/bench/csv")
+    header = csv_text.decode().splitlines()[0].split(",")
+    for column in (
+        "avg_ts",
+        "board",
+        "model_sha256",
+        "quant",
+        "llama_cpp_build",
+        "temp_before_c",
+        "temp_after_c",
+        "throttled_before",
+        "throttled_after",
+    ):
+        assert column in header
+    metrics = agent.request("GET", "/metrics")[2].decode()
+    assert 'pi_agent_bench_tokens_per_second{test="tg8",threads="1"}' in metrics
+    assert agent.json("POST", "/v1/bench", {"threads": [0]})[0] == 400
+
+
+def test_sigterm_stops_the_children(tmp_path: Path, llama_tools, pi_agent_tiny_gguf) -> None:
+    seed_store(tmp_path, pi_agent_tiny_gguf)
+    with AgentProcess(tmp_path, agent_config(llama_tools, None)) as proc:
+        proc.wait_for(lambda: proc.request("GET", "/readyz")[0] == 200, timeout=60)
+        child = proc.json("GET", "/v1/status")[1]["servers"]["decoder"]["pid"]
+        assert proc.stop() == 0
+    assert (
+        not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
+    )
+
+
+def _bench_cli(tmp_path: Path, llama_tools, gguf: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pi_agent.cli",
+            "bench",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--set",
+            f"llama.bin_dir={json.dumps(str(llama_tools.bin))}",
+            "--model",
+            str(gguf),
+            "--threads",
+            "1",
+            "--n-prompt",
+            "16",
+            "--n-gen",
+            "8",
+            "--repetitions",
+            "1",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_bench_cli_gate_passes_and_fails(tmp_path: Path, llama_tools, pi_agent_tiny_gguf) -> None:
+    done = _bench_cli(tmp_path, llama_tools, pi_agent_tiny_gguf, "--board", "pi4")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["gate"]["checked"] == 2 and summary["metadata"]["board"] == "pi4"
+    # A fleet history claiming this board does 1000x better makes the same run fail the gate.
+    history = tmp_path / "history"
+    history.mkdir()
+    text = Path(summary["csv"]).read_text().splitlines()
+    header = text[0].split(",")
+    rows = [dict(zip(header, line.split(","), strict=False)) for line in text[1:]]
+    import csv
+
+    with (history / "fleet.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, header)
+        writer.writeheader()
+        for _ in range(20):
+            for row in rows:
+                writer.writerow({**row, "avg_ts": float(row["avg_ts"]) * 1000})
+    failed = _bench_cli(
+        tmp_path, llama_tools, pi_agent_tiny_gguf, "--board", "pi4", "--history", str(history)
+    )
+    assert failed.returncode == 1, failed.stdout
+    assert "gate failed" in failed.stderr
