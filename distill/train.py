@@ -552,7 +552,13 @@ def set_checkpointing(model: Any, fraction: float) -> int:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if fraction <= 0:
         return 0
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # transformers >= 5.20 renamed gradient checkpointing to activation checkpointing.
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -690,7 +696,8 @@ def autotune(
 def _checkpointing_off(model: Any) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, "is_gradient_checkpointing", False):
-        base.activation_checkpointing_disable()
+        disable = getattr(base, "activation_checkpointing_disable", None)
+        (disable or base.gradient_checkpointing_disable)()
 
 
 def default_budget_gib(device: str) -> float:

@@ -1,0 +1,1 @@
+"""The screens of fleet-tui: fleet, run, pipeline, bench (modes), help and error (modal)."""

@@ -1,0 +1,136 @@
+"""A stand-in pi-agent on 127.0.0.1 (stdlib ``http.server``): for the tests and the screenshots.
+
+    with FakeAgent(status=sample_status("pi-a"), token="s3cret") as agent:
+        AgentClient(agent.url, "s3cret").fetch()
+
+It answers ``/healthz``, ``/readyz``, ``/v1/status`` and ``/v1/bench`` the way ``pi_agent.app``
+does (bearer token on all but ``/healthz``, ``{"error": {...}}`` bodies), from the dicts it is
+given; ``raw_status`` serves bytes as they are, to test what a broken agent sends.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+# An inventory ansible cannot parse (kept out of the tree so yamllint stays clean).
+BROKEN_INVENTORY = "all:\n  hosts: [this is: not, valid\n"
+
+
+def sample_status(host: str, temperature: float = 52.0, throttled: int = 0) -> dict[str, Any]:
+    """A ``/v1/status`` body shaped like ``pi_agent.app.Agent.status``'s."""
+    flags = ("under_voltage", "arm_freq_capped", "throttled", "soft_temp_limit")
+    return {
+        "agent": {"version": "0.1.0", "uptime_s": 3600.0, "pid": 4242},
+        "host": host,
+        "board": "pi5",
+        "board_model": "Raspberry Pi 5 Model B Rev 1.0",
+        "uptime_s": 86400.0,
+        "temperature_c": temperature,
+        "throttled": {
+            "raw": hex(throttled),
+            "source": "sysfs",
+            "now": {name: bool(throttled >> bit & 1) for bit, name in enumerate(flags)},
+            "since_boot": {n: bool(throttled >> (bit + 16) & 1) for bit, n in enumerate(flags)},
+        },
+        "zram": [
+            {
+                "device": "zram0",
+                "algorithm": "lz4",
+                "disksize": 1 << 30,
+                "orig_data_size": 300 << 20,
+                "compr_data_size": 100 << 20,
+            }
+        ],
+        "model": {"name": "quebecois-135m", "version": "v3", "sha256": "ab" * 32, "size": 1},
+        "llama_cpp": {"build": "0c1e570", "version": "b1"},
+        "servers": {"decoder": {"state": "ready", "restarts": 0, "pid": 99, "last_error": None}},
+    }
+
+
+def sample_bench(tg: float, pp: float = 150.0) -> dict[str, Any]:
+    """A ``/v1/bench`` summary with one pp and one tg result."""
+    return {
+        "results": [
+            {"test": "pp512", "threads": 4, "tokens_per_second": pp, "predicted": None},
+            {"test": "tg128", "threads": 4, "tokens_per_second": tg, "predicted": tg},
+        ]
+    }
+
+
+class FakeAgent:
+    """A threaded HTTP server answering like a pi-agent; a context manager."""
+
+    def __init__(
+        self,
+        status: dict[str, Any] | None = None,
+        token: str = "token",
+        ready: bool = True,
+        bench: dict[str, Any] | None = None,
+        raw_status: bytes | None = None,
+    ) -> None:
+        self.status = status if status is not None else sample_status("fake")
+        self.token = token
+        self.ready = ready
+        self.bench = bench
+        self.raw_status = raw_status
+        self.requests: list[tuple[str, str | None]] = []
+        agent = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # quiet: the TUI's terminal is not for access logs
+
+            def _send(self, code: int, body: bytes, kind: str = "application/json") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _error(self, code: int, message: str) -> None:
+                kinds = {401: "authentication_error", 403: "permission_error", 404: "not_found"}
+                error = {"message": message, "type": kinds.get(code, "error"), "code": code}
+                self._send(code, json.dumps({"error": error}).encode())
+
+            def do_GET(self) -> None:
+                auth = self.headers.get("Authorization")
+                agent.requests.append((self.path, auth))
+                if self.path == "/healthz":
+                    return self._send(200, b'{"status": "ok"}')
+                if not auth or not auth.startswith("Bearer "):
+                    return self._error(401, "missing bearer token")
+                if auth.removeprefix("Bearer ").strip() != agent.token:
+                    return self._error(403, "invalid bearer token")
+                if self.path == "/readyz":
+                    body = json.dumps({"ready": agent.ready, "servers": {}}).encode()
+                    return self._send(200 if agent.ready else 503, body)
+                if self.path == "/v1/status":
+                    if agent.raw_status is not None:
+                        return self._send(200, agent.raw_status)
+                    return self._send(200, json.dumps(agent.status).encode())
+                if self.path == "/v1/bench":
+                    if agent.bench is None:
+                        return self._error(404, "no benchmark has run yet")
+                    return self._send(200, json.dumps(agent.bench).encode())
+                return self._error(404, f"no route {self.path}")
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """The base URL (ephemeral port)."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> FakeAgent:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()

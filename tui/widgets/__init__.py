@@ -1,0 +1,1 @@
+"""Widgets of fleet-tui: the run and recap tables, the throughput chart."""
