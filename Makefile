@@ -14,11 +14,11 @@ TORCH_SPEC ?= torch==2.13.0
 export PIDISTILL_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-APT_PACKAGES := build-essential cmake git python3-venv
+APT_PACKAGES := build-essential cmake git python3-venv podman runc debootstrap prometheus
 STAMP_APT := $(PIDISTILL_CACHE_DIR)/apt.stamp
 STAMP_VENV := $(VENV)/.installed
 
-.PHONY: help venv apt llamacpp demo test test-fast lint bench clean teacher
+.PHONY: help venv apt llamacpp demo test test-fast lint bench clean teacher lab-up lab-down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -59,10 +59,17 @@ test: $(STAMP_VENV) llamacpp ## run every test (slow ones included)
 test-fast: $(STAMP_VENV) ## skip the slow tests
 	$(BIN)/pytest -m "not slow"
 
-lint: $(STAMP_VENV) ## ruff and yamllint
+lint: $(STAMP_VENV) ## ruff, yamllint, ansible-lint (production profile)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/yamllint -s .
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint
+
+lab-up: $(STAMP_VENV) ## N stand-in Pis (default 3) in podman, writes inventory/lab.yml
+	$(BIN)/python scripts/lab.py up --hosts $${N:-3}
+
+lab-down: $(STAMP_VENV) ## remove the lab: containers, network, key, image, inventory
+	$(BIN)/python scripts/lab.py down
 
 bench: $(STAMP_VENV) llamacpp ## measure, write runs/bench/bench.md and bench.csv
 	$(BIN)/python -m distill.bench --out runs/bench

@@ -38,23 +38,24 @@ class Settings:
     demo_limit: int = 0
     demo_batch_size: int = 16
     demo_max_new_tokens: int = 128
+    demo_student_every: int = 2
+    demo_method: str = "lora"
+    demo_epochs: float = 3.0
+    demo_quants: str = "Q8_0 Q4_K_M"
 
     @classmethod
     def from_env(cls) -> Settings:
-        """Read every knob; a malformed number fails with the variable's name."""
+        """Read every knob; a malformed value fails with the variable's name."""
         settings = cls()
-        for name in ("demo_run_dir", "demo_teacher", "demo_teacher_url"):
+        for name, current in vars(cls()).items():
             value = os.environ.get(name.upper())
-            if value:
-                setattr(settings, name, type(getattr(settings, name))(value))
-        for name in ("demo_limit", "demo_batch_size", "demo_max_new_tokens"):
-            value = os.environ.get(name.upper())
-            if value:
-                try:
-                    setattr(settings, name, int(value))
-                except ValueError:
-                    message = f"demo: {name.upper()}={value!r}: expected an integer"
-                    raise SystemExit(message) from None
+            if not value:
+                continue
+            try:
+                setattr(settings, name, type(current)(value))
+            except ValueError:
+                kind = type(current).__name__
+                raise SystemExit(f"demo: {name.upper()}={value!r}: expected {kind}") from None
         return settings
 
 
@@ -79,20 +80,19 @@ def run_stage(stage: str, **values: Any) -> dict[str, Any]:
 
 
 def main() -> int:
-    """Label both sample files, write the dataset card, print what was written where."""
+    """Label, card, train, export, evaluate; print what was written where."""
     logging.basicConfig(level=logging.INFO, format="demo: %(message)s", stream=sys.stderr)
     settings = Settings.from_env()
     run_dir = settings.demo_run_dir
-    labelled_dir = run_dir / "labelled"
     teacher: dict[str, Any] = {}
     if settings.demo_teacher_url:
         teacher["teacher_url"] = settings.demo_teacher_url
     elif settings.demo_teacher:
         teacher["teacher"] = settings.demo_teacher
-    results: list[tuple[str, dict[str, Any]]] = []
+    report: list[str] = []
     labelled = []
     for source in INPUTS:
-        output = labelled_dir / Path(source).name
+        output = run_dir / "labelled" / Path(source).name
         summary = run_stage(
             "label",
             input=Path(source),
@@ -103,23 +103,65 @@ def main() -> int:
             limit=settings.demo_limit or None,
             **teacher,
         )
-        results.append((f"label {Path(source).name}", summary))
         labelled.append(output)
+        report.append(
+            f"label {Path(source).name}: {summary['labelled']} labelled, {summary['skipped']} "
+            f"skipped, {summary['rejected']} rejected, {summary['tokens_per_second']} tok/s "
+            f"-> {summary['output']} (rejects: {summary['rejects']})"
+        )
     card = run_stage("card", input=labelled, output=run_dir / "DATASET_CARD.md")
-    results.append(("card", card))
+    report.append(f"card: {card['rows']} rows -> {card['card']} (+ .json)")
+
+    train_dir = run_dir / "train"
+    train = run_stage(
+        "train",
+        data=labelled,
+        output=train_dir,
+        init_from_teacher_every=settings.demo_student_every,
+        method=settings.demo_method,
+        epochs=settings.demo_epochs,
+        resume=(train_dir / "checkpoints").is_dir() and not (train_dir / "model").is_dir(),
+        overwrite=(train_dir / "model").is_dir(),
+    )
+    report.append(f"train: {_short(train)} -> {train_dir / 'model'}")
+    dist = run_dir / "dist"
+    export = run_stage(
+        "export",
+        model=train_dir / "model",
+        output_dir=dist,
+        name="student",
+        quant=settings.demo_quants.split(),
+        overwrite=True,
+    )
+    report.append(f"export: {_short(export)} -> {dist}")
+    evaluation = run_stage("eval", run_dir=train_dir, gguf_dir=dist)
+    report.append(f"eval: -> {train_dir / 'eval.json'}")
 
     lines = ["", "pidistill demo: done", ""]
-    for name, summary in results:
-        if name.startswith("label"):
-            lines.append(
-                f"  {name}: {summary['labelled']} labelled, {summary['skipped']} skipped, "
-                f"{summary['rejected']} rejected, {summary['tokens_per_second']} tok/s "
-                f"-> {summary['output']} (rejects: {summary['rejects']})"
-            )
-        else:
-            lines.append(f"  {name}: {summary['rows']} rows -> {summary['card']} (+ .json)")
+    lines += [f"  {line}" for line in report]
+    lines += ["", _eval_table(evaluation)]
     print("\n".join(lines))  # noqa: T201 - the demo's closing report
     return 0
+
+
+def _short(summary: dict[str, Any]) -> str:
+    """The scalar fields of a stage summary, for one line of the report."""
+    keep = {k: v for k, v in summary.items() if isinstance(v, int | float | str) and k != "output"}
+    return ", ".join(f"{k}={v}" for k, v in list(keep.items())[:8])
+
+
+def _eval_table(evaluation: dict[str, Any]) -> str:
+    """The fidelity numbers as a small Markdown table."""
+    lines = ["| measure | value |", "| --- | --- |"]
+    for key, value in evaluation.items():
+        if isinstance(value, int | float | str | bool) or value is None:
+            lines.append(f"| {key} | {value} |")
+    for row in evaluation.get("quants", []):
+        lines.append(
+            f"| {row.get('quant')} top-1 agreement / perplexity | "
+            f"{row.get('top1_agreement')} / {row.get('perplexity')} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""What the llama_cpp role needs to know about the workstation, as JSON on stdout.
+
+    python workstation_facts.py            # run by the role on localhost, with the project's python
+
+- the pin and the CMake flags of each build variant, from the project (distill.llamacpp), so the
+  boards build exactly what the workstation builds; flags that only suit x86-64 compilers (the
+  AMX switches) are listed apart and added on x86-64 boards only;
+- the workstation's board class (architecture + CPU model, the slug the role computes on the
+  boards) and its own llama.cpp build, which can seed a class of the same architecture and CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import subprocess
+import sys
+
+
+def board_class(arch: str, model: str) -> str:
+    """Same slug as the role's Jinja: lower case, runs of other characters as '_'."""
+    return re.sub(r"[^a-z0-9]+", "_", f"{arch}-{model}".lower()).strip("_")
+
+
+def cpu_model() -> str:
+    """The first "Model name:" of lscpu, as the role reads it on the boards."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.removeprefix("Model name:").strip()
+    return "unknown"
+
+
+def main() -> int:
+    from distill import llamacpp
+
+    x86_only = ("-DCMAKE_C_FLAGS=", "-DCMAKE_CXX_FLAGS=")
+    variants = {}
+    for variant in llamacpp.VARIANTS:
+        flags = llamacpp.flags(variant)
+        variants[variant] = {
+            "flags": [f for f in flags if not f.startswith(x86_only)],
+            "x86_64_flags": [f for f in flags if f.startswith(x86_only)],
+        }
+    tools = llamacpp.find_tools("native")
+    arch = platform.machine()
+    json.dump(
+        {
+            "commit": llamacpp.LLAMA_CPP_COMMIT,
+            "sdist": llamacpp.SDIST_VERSION,
+            "source": str(llamacpp.root() / "src"),
+            "variants": variants,
+            "targets": list(llamacpp.TARGETS),
+            "arch": arch,
+            "class": board_class(arch, cpu_model()),
+            "seed_bin": str(tools.bin) if tools else "",
+        },
+        sys.stdout,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

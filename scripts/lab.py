@@ -1,0 +1,380 @@
+"""The lab: stand-in Raspberry Pis, podman containers booted with systemd as PID 1.
+
+    python scripts/lab.py up                # 3 stand-in Pis, inventory/lab.yml written
+    python scripts/lab.py up --hosts 2      # or N=2 through `make lab-up`
+    python scripts/lab.py image             # only the image (molecule scenarios boot it too)
+    python scripts/lab.py status
+    python scripts/lab.py down              # containers, network, key, image and inventory: gone
+
+A stand-in is Raspberry Pi OS in miniature: a Debian bookworm root file system made once by
+debootstrap (cached under .cache/lab/ as a tarball keyed by its recipe), imported as the image
+``localhost/pidistill-lab:bookworm``, with a user ``pi`` that has passwordless sudo. Each host
+publishes its port 22 on 127.0.0.1 only, and the hosts share the project's own podman network.
+Two quirks of these machines are built in (see shared/DESIGN.md): ``--runtime runc`` and ulimits
+of 4096. Everything the lab makes carries a ``pidistill.lab`` label, by which ``down`` removes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("PIDISTILL_CACHE_DIR", ROOT / ".cache")) / "lab"
+INVENTORY = ROOT / "inventory" / "lab.yml"
+IMAGE = "localhost/pidistill-lab:bookworm"
+NETWORK = "pidistill-lab"
+LABEL = "pidistill.lab"
+# Containers inherit the image's labels (molecule's too): the lab's own hosts carry this one.
+HOST_LABEL = "pidistill.lab.host"
+PREFIX = "pidistill-pi-"
+SUITE = "bookworm"
+MIRROR = os.environ.get("PIDISTILL_LAB_MIRROR", "http://deb.debian.org/debian")
+# minbase + what a booted, SSH-reachable Pi needs, + what the roles would otherwise install
+# over the network on every run (python3-apt for the apt module, libgomp1 for llama.cpp).
+PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "python3",
+    "python3-apt",
+    "sudo",
+    "ca-certificates",
+    "iproute2",
+    "procps",
+    "kmod",
+    "libgomp1",
+)
+# Run inside the chroot after debootstrap: Raspberry Pi OS's user, per-container host keys,
+# and no units that fight a container (consoles, apt's timers that would take the dpkg lock).
+CUSTOMIZE = r"""
+set -eu
+useradd --create-home --shell /bin/bash --groups sudo pi
+passwd --lock pi
+install -d -m 0700 -o pi -g pi /home/pi/.ssh
+echo 'pi ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/010_pi-nopasswd
+chmod 0440 /etc/sudoers.d/010_pi-nopasswd
+rm -f /etc/ssh/ssh_host_*
+install -d /etc/systemd/system/ssh.service.d
+printf '[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n' \
+  > /etc/systemd/system/ssh.service.d/lab-host-keys.conf
+printf 'PasswordAuthentication no\nUseDNS no\n' > /etc/ssh/sshd_config.d/lab.conf
+systemctl enable ssh.service
+for unit in getty@tty1.service console-getty.service systemd-remount-fs.service \
+            apt-daily.timer apt-daily-upgrade.timer; do
+  systemctl mask "$unit"
+done
+: > /etc/machine-id
+rm -f /var/cache/apt/archives/*.deb
+"""  # noqa: E501
+RUN_OPTIONS = (
+    "--systemd=always",
+    "--ulimit=nofile=4096:4096",
+    "--ulimit=nproc=4096:4096",
+    # Pi-like: a few hundred MiB are plenty for systemd, sshd and the agent.
+    "--memory=768m",
+    "--pids-limit=1024",
+)
+
+
+class LabError(RuntimeError):
+    """A lab step that failed; the message says which and why."""
+
+
+def sh(cmd: list[str], *, check: bool = True, stdin: str | None = None) -> str:
+    """Run a command, return its stdout; on failure raise with its stderr."""
+    done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise LabError(f"{' '.join(cmd)}: exit {done.returncode}\n{done.stderr.strip()[-2000:]}")
+    return done.stdout
+
+
+def podman(*args: str, check: bool = True, stdin: str | None = None) -> str:
+    """``podman`` with the runtime these machines need (crun refuses their cgroup layout)."""
+    return sh(["podman", "--runtime", "runc", *args], check=check, stdin=stdin)
+
+
+def recipe_key() -> str:
+    """What the root file system is made from; a changed recipe means a fresh tarball."""
+    recipe = "\n".join([SUITE, MIRROR, *PACKAGES, CUSTOMIZE])
+    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
+def rootfs_tarball() -> Path:
+    """The cached root file system, made by debootstrap the first time (~2 min)."""
+    key = recipe_key()
+    tarball = CACHE / f"rootfs-{SUITE}-{key}.tar"
+    if tarball.is_file():
+        return tarball
+    for tool in ("debootstrap", "podman"):
+        if shutil.which(tool) is None:
+            raise LabError(f"{tool}: not installed (apt-get install podman runc debootstrap)")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix="rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        print(f"lab: debootstrap {SUITE} (once, ~2 min)", file=sys.stderr)
+        sh(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={','.join(PACKAGES)}",
+                SUITE,
+                str(rootfs),
+                MIRROR,
+            ]
+        )
+        sh(["chroot", str(rootfs), "/bin/sh", "-c", CUSTOMIZE])
+        partial = tarball.with_suffix(".tar.part")
+        sh(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(partial), "."])
+        partial.replace(tarball)
+    for stale in CACHE.glob(f"rootfs-{SUITE}-*.tar"):
+        if stale != tarball:
+            stale.unlink()
+    return tarball
+
+
+def image_key() -> str | None:
+    """The recipe key of the imported image, or ``None`` when there is none."""
+    out = podman("image", "inspect", "--format", "{{json .Labels}}", IMAGE, check=False)
+    if not out.strip():
+        return None
+    return (json.loads(out) or {}).get(f"{LABEL}.key")
+
+
+def ensure_image() -> str:
+    """Import the root file system as the lab image unless the same recipe is already there."""
+    key = recipe_key()
+    if image_key() == key:
+        return IMAGE
+    tarball = rootfs_tarball()
+    podman(
+        "import",
+        "--change", 'CMD ["/sbin/init"]',
+        "--change", "STOPSIGNAL=SIGRTMIN+3",
+        "--change", f"LABEL {LABEL}=1",
+        "--change", f"LABEL {LABEL}.key={key}",
+        str(tarball),
+        IMAGE,
+    )  # fmt: skip
+    return IMAGE
+
+
+def ssh_key() -> Path:
+    """The lab's generated key pair (private half returned), made once per lab."""
+    key = CACHE / "ssh" / "id_ed25519"
+    if not key.is_file():
+        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pidistill-lab", "-f", str(key)])
+    return key
+
+
+def containers() -> list[str]:
+    """Names of the lab's containers, running or not, in host order."""
+    out = podman("ps", "-a", "--filter", f"label={HOST_LABEL}", "--format", "{{.Names}}")
+    return sorted(out.split(), key=lambda name: int(name.rsplit("-", 1)[-1]))
+
+
+def network_exists() -> bool:
+    """Whether the lab's podman network is there."""
+    return subprocess.run(["podman", "network", "exists", NETWORK], check=False).returncode == 0
+
+
+def host_name(container: str) -> str:
+    """``pidistill-pi-2`` -> ``pi-2``: the inventory name and the container's hostname."""
+    return container.removeprefix("pidistill-")
+
+
+def ssh_port(container: str) -> int:
+    """The 127.0.0.1 port that a container's sshd is published on."""
+    out = podman("port", container, "22/tcp").strip().splitlines()
+    if not out:
+        raise LabError(f"{container}: port 22 is not published")
+    return int(out[0].rsplit(":", 1)[1])
+
+
+def ssh_args(key: Path, port: int) -> list[str]:
+    """An ``ssh`` command line to ``pi`` on a stand-in (lab only: host keys are not checked)."""
+    return [
+        "ssh",
+        "-i", str(key),
+        "-p", str(port),
+        "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "LogLevel=ERROR",
+        "-o", "ConnectTimeout=5",
+        "pi@127.0.0.1",
+    ]  # fmt: skip
+
+
+def wait_ssh(key: Path, port: int, timeout: float = 90.0) -> None:
+    """Wait until ``pi`` can log in and run sudo over SSH."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = subprocess.run(
+            [*ssh_args(key, port), "sudo", "-n", "true"], capture_output=True, check=False
+        )
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise LabError(f"ssh to 127.0.0.1:{port} not ready after {timeout:.0f}s")
+        time.sleep(1)
+
+
+def start(index: int, key: Path) -> str:
+    """Boot stand-in number ``index`` and give ``pi`` the lab's public key."""
+    name = f"{PREFIX}{index}"
+    podman(
+        "run", "--detach",
+        "--name", name,
+        "--hostname", host_name(name),
+        "--label", f"{HOST_LABEL}={index}",
+        "--network", NETWORK,
+        "--publish", "127.0.0.1::22",
+        *RUN_OPTIONS,
+        IMAGE,
+    )  # fmt: skip
+    public = key.with_suffix(".pub").read_text()
+    podman(
+        "exec", "-i", name, "sh", "-c",
+        "umask 077 && cat > ~pi/.ssh/authorized_keys && chown pi:pi ~pi/.ssh/authorized_keys",
+        stdin=public,
+    )  # fmt: skip
+    return name
+
+
+def write_inventory(names: list[str], key: Path) -> Path:
+    """``inventory/lab.yml`` (generated, git-ignored): the stand-ins as a fleet of Pis."""
+    hosts = {
+        host_name(n): {"ansible_host": "127.0.0.1", "ansible_port": ssh_port(n)} for n in names
+    }
+    lines = [
+        "---",
+        "# Generated by scripts/lab.py (make lab-up); removed by make lab-down. Do not edit.",
+        "all:",
+        "  children:",
+        "    pis:",
+        "      hosts:",
+    ]
+    for host, hostvars in hosts.items():
+        lines.append(f"        {host}: {json.dumps(hostvars)}")
+    first = next(iter(hosts))
+    lines += [
+        "    canary:",
+        "      hosts:",
+        f"        {first}:",
+        "    lab:",
+        "      children:",
+        "        pis:",
+        "  vars:",
+        "    ansible_user: pi",
+        f"    ansible_ssh_private_key_file: {json.dumps(str(key))}",
+        "    # Lab only: the stand-ins make new host keys at every boot.",
+        "    ansible_ssh_common_args: >-",
+        "      -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+        "    ansible_python_interpreter: /usr/bin/python3",
+        "    # Containers share the host's kernel: no zram device, read-only /proc/sys.",
+        "    zram_kernel: false",
+        "    # Same architecture and CPU as the workstation: its llama.cpp build seeds the class.",
+        "    llama_cpp_seed_from_workstation: true",
+        "",
+    ]
+    INVENTORY.parent.mkdir(parents=True, exist_ok=True)
+    INVENTORY.write_text("\n".join(lines))
+    return INVENTORY
+
+
+def up(count: int) -> int:
+    """Make ``count`` stand-ins (existing ones are kept; extra ones removed)."""
+    if count < 1:
+        raise LabError("--hosts must be at least 1")
+    ensure_image()
+    key = ssh_key()
+    if not network_exists():
+        podman("network", "create", "--label", LABEL, NETWORK)
+    existing = set(containers())
+    wanted = [f"{PREFIX}{i}" for i in range(1, count + 1)]
+    for name in sorted(existing - set(wanted)):
+        podman("rm", "--force", "--time", "5", name)
+    created = started = 0
+    for index, name in enumerate(wanted, start=1):
+        if name not in existing:
+            start(index, key)
+            created += 1
+        elif "running" not in podman("inspect", "--format", "{{.State.Status}}", name):
+            podman("start", name)
+            started += 1
+    for name in wanted:
+        wait_ssh(key, ssh_port(name))
+    path = write_inventory(wanted, key)
+    print(f"lab: {count} stand-in Pi(s) up (created {created}, started {started}); "
+          f"inventory {path.relative_to(ROOT)}")  # fmt: skip
+    return 0
+
+
+def down(keep_image: bool = False) -> int:
+    """Remove all the lab made, except the cached root file system tarball."""
+    names = containers()
+    if names:
+        podman("rm", "--force", "--time", "5", *names)
+    if network_exists():
+        podman("network", "rm", "--force", NETWORK)
+    if not keep_image and image_key() is not None:
+        podman("rmi", "--force", IMAGE)
+    shutil.rmtree(CACHE / "ssh", ignore_errors=True)
+    INVENTORY.unlink(missing_ok=True)
+    print(f"lab: removed {len(names)} container(s), network, key, inventory"
+          + ("" if keep_image else ", image"))  # fmt: skip
+    return 0
+
+
+def status() -> int:
+    """One line per stand-in: name, state, SSH port."""
+    out = podman(
+        "ps",
+        "-a",
+        "--filter",
+        f"label={HOST_LABEL}",
+        "--format",
+        "{{.Names}}\t{{.Status}}\t{{.Ports}}",
+    )
+    print(out.strip() or "lab: no stand-in Pis")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="make N stand-in Pis and write inventory/lab.yml")
+    p_up.add_argument("--hosts", type=int, default=int(os.environ.get("N", "3")),
+                      help="how many stand-ins (default: $N or 3)")  # fmt: skip
+    p_down = sub.add_parser("down", help="remove everything the lab made")
+    p_down.add_argument("--keep-image", action="store_true", help="keep the imported image")
+    sub.add_parser("image", help="build (once) and import the stand-in image")
+    sub.add_parser("status", help="list the stand-ins")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            return up(args.hosts)
+        if args.command == "down":
+            return down(args.keep_image)
+        if args.command == "image":
+            print(ensure_image())
+            return 0
+        return status()
+    except LabError as err:
+        print(f"lab: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
