@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     args = parser.parse_args(argv)
     for path in asyncio.run(shoot(args.out)):
-        print(path)  # noqa: T201 (a CLI entry point: lists the files it wrote)
+        print(path)
     return 0
 
 
