@@ -27,11 +27,9 @@ import json
 import logging
 import math
 import re
-import socket
-import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,14 +195,6 @@ def hf_argmax_along(model: Any, prompt: list[int], continuation: list[int]) -> l
 # ----------------------------------------------------------------------------- llama.cpp
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
 def llama_server(
     server: Path,
     model: Path,
@@ -212,56 +202,21 @@ def llama_server(
     threads: int | None = None,
     timeout: float = 120.0,
     extra: Sequence[str] = (),
-) -> Iterator[str]:
-    """Run ``llama-server`` on a GGUF for the duration of the block; yield its base URL."""
-    import httpx
+) -> contextlib.AbstractContextManager[str]:
+    """Run ``llama-server`` on a GGUF for the duration of the block; yield its base URL.
 
-    port = free_port()
-    cmd = [
-        str(server),
-        "-m",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "-c",
-        str(ctx),
-        "-np",
-        "1",
-        "--no-webui",
-        NO_REPACK,
-    ]
-    if threads:
-        cmd += ["-t", str(threads)]
-    cmd += list(extra)
-    log.info("$ %s", " ".join(cmd))
-    with tempfile.TemporaryFile("w+") as output:
-        proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, text=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    output.seek(0)
-                    tail = "\n".join(output.read().strip().splitlines()[-20:])
-                    raise EvalError(
-                        f"llama-server exited ({proc.returncode}): {' '.join(cmd)}\n{tail}"
-                    )
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise EvalError(f"llama-server did not become healthy in {timeout:.0f}s")
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    One slot, no weight repacking (the repacked CPU kernels are not the ones a Pi runs).
+    """
+    from distill.llamacpp import serve
+
+    return serve(
+        model,
+        server=server,
+        ctx_size=ctx,
+        threads=threads,
+        startup_timeout=timeout,
+        extra=[NO_REPACK, *extra],
+    )
 
 
 def server_greedy(url: str, prompt: list[int], n_predict: int) -> tuple[list[int], str]:
@@ -289,7 +244,7 @@ def server_greedy(url: str, prompt: list[int], n_predict: int) -> tuple[list[int
 
 def llama_perplexity(
     tool: Path, model: Path, text_file: Path, ctx: int, threads: int | None
-) -> float:
+) -> float | None:
     """llama.cpp's perplexity of a text file (``Final estimate: PPL = ...``)."""
     from distill.llamacpp import run as run_tool
 
@@ -308,11 +263,17 @@ def llama_perplexity(
     if threads:
         cmd += ["-t", str(threads)]
     result = run_tool(cmd)
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", result.stdout + result.stderr)
+    output = result.stdout + result.stderr
+    found = re.search(r"Final estimate: PPL = (\S+)", output)
     if not found:
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+        tail = "\n".join(output.strip().splitlines()[-5:])
         raise EvalError(f"{' '.join(cmd)}: no 'Final estimate' in its output:\n{tail}")
-    return round(float(found.group(1)), 4)
+    value = float(found.group(1))
+    if not math.isfinite(value):
+        # A barely trained model can overflow; JSON has no inf or nan, so report it as missing.
+        log.warning("%s: perplexity is %s", model.name, found.group(1))
+        return None
+    return round(value, 4)
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -254,20 +254,23 @@ def serve(
     threads: int | None = None,
     extra: Sequence[str] = (),
     tools: Tools | None = None,
+    server: Path | None = None,
     startup_timeout: float = 120.0,
 ) -> Iterator[str]:
     """Run llama-server on 127.0.0.1 for the duration of a ``with`` block; yield its base URL.
 
     ``parallel`` slots share the context (each gets ``ctx_size``); the server is stopped with
-    SIGTERM (then SIGKILL) on exit, and a server that dies at start-up raises with its log tail.
+    SIGTERM (then SIGKILL) on exit, and a server that dies at start-up raises with its command
+    and log tail. ``server`` names a llama-server binary other than the pinned build's.
     """
     import urllib.error
     import urllib.request
 
-    tools = tools or require_tools()
+    if server is None:
+        server = (tools or require_tools()).tool("llama-server")
     port = free_port()
     cmd = [
-        str(tools.tool("llama-server")),
+        str(server),
         "-m",
         str(model),
         "--host",
@@ -292,7 +295,9 @@ def serve(
                 if proc.poll() is not None:
                     logfile.seek(0)
                     tail = "\n".join(logfile.read().splitlines()[-20:])
-                    raise LlamaCppError(f"llama-server exited ({proc.returncode}): {tail}")
+                    raise LlamaCppError(
+                        f"llama-server exited ({proc.returncode}): {' '.join(cmd)}\n{tail}"
+                    )
                 try:
                     with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                         if response.status == 200:
