@@ -134,12 +134,12 @@ def main() -> int:
         overwrite=True,
     )
     report.append(f"export: {_short(export)} -> {dist}")
-    evaluation = run_stage("eval", run_dir=train_dir, gguf_dir=dist)
-    report.append(f"eval: -> {train_dir / 'eval.json'}")
+    run_stage("eval", run_dir=train_dir, gguf_dir=dist)
+    report.append(f"eval: -> {train_dir / 'eval.json'} (and the model card's table)")
 
     lines = ["", "pidistill demo: done", ""]
     lines += [f"  {line}" for line in report]
-    lines += ["", _eval_table(evaluation)]
+    lines += ["", _eval_table(train_dir / "eval.json")]
     print("\n".join(lines))  # noqa: T201 - the demo's closing report
     return 0
 
@@ -150,16 +150,23 @@ def _short(summary: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in list(keep.items())[:8])
 
 
-def _eval_table(evaluation: dict[str, Any]) -> str:
-    """The fidelity numbers as a small Markdown table."""
-    lines = ["| measure | value |", "| --- | --- |"]
-    for key, value in evaluation.items():
-        if isinstance(value, int | float | str | bool) or value is None:
-            lines.append(f"| {key} | {value} |")
-    for row in evaluation.get("quants", []):
+def _eval_table(eval_json: Path) -> str:
+    """The fidelity numbers of ``eval.json`` as a small Markdown table."""
+    data = json.loads(eval_json.read_text(encoding="utf-8"))
+    ppl = data.get("perplexity", {})
+    lines = [
+        "| measure | value |",
+        "| --- | --- |",
+        f"| held-out answer perplexity, student before training | {ppl.get('before')} |",
+        f"| held-out answer perplexity, student after training | {ppl.get('after')} |",
+    ]
+    for name, value in (data.get("json") or {}).items():
+        if isinstance(value, int | float):
+            lines.append(f"| JSON {name} | {value} |")
+    for row in (data.get("gguf") or {}).get("quants", []):
         lines.append(
-            f"| {row.get('quant')} top-1 agreement / perplexity | "
-            f"{row.get('top1_agreement')} / {row.get('perplexity')} |"
+            f"| {row['quant']} ({row['mib']} MiB): top-1 agreement with the HF model / "
+            f"llama.cpp perplexity | {row.get('top1_agreement')} / {row.get('perplexity')} |"
         )
     return "\n".join(lines)
 
