@@ -18,7 +18,7 @@ APT_PACKAGES := build-essential cmake git python3-venv podman runc debootstrap p
 STAMP_APT := $(PIDISTILL_CACHE_DIR)/apt.stamp
 STAMP_VENV := $(VENV)/.installed
 
-.PHONY: help venv apt llamacpp demo test test-fast lint bench clean teacher lab-up lab-down
+.PHONY: help venv apt llamacpp demo test test-fast lint bench clean teacher lab-up lab-down fleet-demo
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -50,7 +50,7 @@ llamacpp: $(STAMP_VENV) ## build the pinned llama.cpp tools once (~15-20 min on 
 teacher: $(STAMP_VENV) ## convert the embedded teacher to an HF directory (once)
 	$(BIN)/distill teacher
 
-demo: $(STAMP_VENV) ## label the sample data with the embedded teacher and write the dataset card
+demo: $(STAMP_VENV) llamacpp ## the main job end to end: label, card, train, export, eval, lab fleet
 	$(BIN)/python -m distill.demo
 
 test: $(STAMP_VENV) llamacpp ## run every test (slow ones included)
@@ -70,6 +70,9 @@ lab-up: $(STAMP_VENV) ## N stand-in Pis (default 3) in podman, writes inventory/
 
 lab-down: $(STAMP_VENV) ## remove the lab: containers, network, key, image, inventory
 	$(BIN)/python scripts/lab.py down
+
+fleet-demo: $(STAMP_VENV) llamacpp ## lab up, site.yml with the exported student, fleet report
+	$(BIN)/python scripts/fleet_demo.py --hosts $${N:-3} --model-dir $${MODEL_DIR:-runs/demo/dist}
 
 bench: $(STAMP_VENV) llamacpp ## measure, write runs/bench/bench.md and bench.csv
 	$(BIN)/python -m distill.bench --out runs/bench

@@ -1,5 +1,8 @@
 """``make demo``: the main job end to end on the embedded defaults, one stage after another.
 
+label -> dataset card -> train (a layer-dropped SmolLM2 student) -> export (GGUF) -> eval ->
+a lab of stand-in Pis up -> ``site.yml`` (provision, deploy the student, bench) -> fleet report.
+
     make demo                       # settings from the environment or .env (see .env.example)
     DEMO_LIMIT=20 make demo         # a quicker pass over the first 20 rows of each file
 
@@ -42,6 +45,7 @@ class Settings:
     demo_method: str = "lora"
     demo_epochs: float = 3.0
     demo_quants: str = "Q8_0 Q4_K_M"
+    demo_fleet_size: int = 3
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -136,12 +140,26 @@ def main() -> int:
     report.append(f"export: {_short(export)} -> {dist}")
     run_stage("eval", run_dir=train_dir, gguf_dir=dist)
     report.append(f"eval: -> {train_dir / 'eval.json'} (and the model card's table)")
+    if settings.demo_fleet_size > 0:
+        report += _fleet(settings.demo_fleet_size, dist)
 
     lines = ["", "pidistill demo: done", ""]
     lines += [f"  {line}" for line in report]
     lines += ["", _eval_table(train_dir / "eval.json")]
     print("\n".join(lines))  # noqa: T201 - the demo's closing report
     return 0
+
+
+def _fleet(hosts: int, dist: Path) -> list[str]:
+    """Lab up, ``site.yml`` (provision, deploy the student, bench), the fleet report's paths."""
+    command = [sys.executable, str(ROOT / "scripts" / "fleet_demo.py"), "--hosts", str(hosts),
+               "--model-dir", str(dist)]  # fmt: skip
+    log.info("$ %s", " ".join(command))
+    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=False)
+    sys.stderr.write(result.stdout)
+    if result.returncode != 0:
+        raise SystemExit(f"demo: the fleet stage failed (exit {result.returncode}); see above")
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
 def _short(summary: dict[str, Any]) -> str:

@@ -9,7 +9,9 @@
 A stand-in is Raspberry Pi OS in miniature: a Debian bookworm root file system made once by
 debootstrap (cached under .cache/lab/ as a tarball keyed by its recipe), imported as the image
 ``localhost/pidistill-lab:bookworm``, with a user ``pi`` that has passwordless sudo. Each host
-publishes its port 22 on 127.0.0.1 only, and the hosts share the project's own podman network.
+publishes its port 22 and pi-agent's port 8470 on 127.0.0.1 only (random host ports, written into
+the inventory as ``ansible_port`` and ``pi_agent_url``), and the hosts share the project's own
+podman network.
 Two quirks of these machines are built in (see shared/DESIGN.md): ``--runtime runc`` and ulimits
 of 4096. Everything the lab makes carries a ``pidistill.lab`` label, by which ``down`` removes it.
 """
@@ -36,10 +38,13 @@ LABEL = "pidistill.lab"
 # Containers inherit the image's labels (molecule's too): the lab's own hosts carry this one.
 HOST_LABEL = "pidistill.lab.host"
 PREFIX = "pidistill-pi-"
+# pi-agent's port (pi_agent_port), published on 127.0.0.1 like SSH: the TUI and tests reach it.
+AGENT_PORT = 8470
 SUITE = "bookworm"
 MIRROR = os.environ.get("PIDISTILL_LAB_MIRROR", "http://deb.debian.org/debian")
 # minbase + what a booted, SSH-reachable Pi needs, + what the roles would otherwise install
-# over the network on every run (python3-apt for the apt module, libgomp1 for llama.cpp).
+# over the network on every run (python3-apt for the apt module, libgomp1 for llama.cpp,
+# python3-venv for the pi_agent role).
 PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -47,6 +52,7 @@ PACKAGES = (
     "openssh-server",
     "python3",
     "python3-apt",
+    "python3-venv",
     "sudo",
     "ca-certificates",
     "iproute2",
@@ -153,9 +159,12 @@ def image_key() -> str | None:
 def ensure_image() -> str:
     """Import the root file system as the lab image unless the same recipe is already there."""
     key = recipe_key()
-    if image_key() == key:
+    current = image_key()
+    if current == key:
         return IMAGE
     tarball = rootfs_tarball()
+    if current is not None:  # an older recipe's image would be left behind untagged
+        podman("rmi", "--force", IMAGE)
     podman(
         "import",
         "--change", 'CMD ["/sbin/init"]',
@@ -193,12 +202,26 @@ def host_name(container: str) -> str:
     return container.removeprefix("pidistill-")
 
 
+def published_port(container: str, port: int) -> int | None:
+    """The 127.0.0.1 port that a container's ``port`` is published on (``None``: not published)."""
+    out = podman("port", container, f"{port}/tcp", check=False).strip().splitlines()
+    return int(out[0].rsplit(":", 1)[1]) if out else None
+
+
 def ssh_port(container: str) -> int:
     """The 127.0.0.1 port that a container's sshd is published on."""
-    out = podman("port", container, "22/tcp").strip().splitlines()
-    if not out:
+    port = published_port(container, 22)
+    if port is None:
         raise LabError(f"{container}: port 22 is not published")
-    return int(out[0].rsplit(":", 1)[1])
+    return port
+
+
+def agent_url(container: str) -> str:
+    """``http://127.0.0.1:<port>``: where the workstation reaches a stand-in's pi-agent."""
+    port = published_port(container, AGENT_PORT)
+    if port is None:
+        raise LabError(f"{container}: port {AGENT_PORT} is not published")
+    return f"http://127.0.0.1:{port}"
 
 
 def ssh_args(key: Path, port: int) -> list[str]:
@@ -240,6 +263,7 @@ def start(index: int, key: Path) -> str:
         "--label", f"{HOST_LABEL}={index}",
         "--network", NETWORK,
         "--publish", "127.0.0.1::22",
+        "--publish", f"127.0.0.1::{AGENT_PORT}",
         *RUN_OPTIONS,
         IMAGE,
     )  # fmt: skip
@@ -255,7 +279,12 @@ def start(index: int, key: Path) -> str:
 def write_inventory(names: list[str], key: Path) -> Path:
     """``inventory/lab.yml`` (generated, git-ignored): the stand-ins as a fleet of Pis."""
     hosts = {
-        host_name(n): {"ansible_host": "127.0.0.1", "ansible_port": ssh_port(n)} for n in names
+        host_name(n): {
+            "ansible_host": "127.0.0.1",
+            "ansible_port": ssh_port(n),
+            "pi_agent_url": agent_url(n),
+        }
+        for n in names
     }
     lines = [
         "---",
@@ -286,6 +315,12 @@ def write_inventory(names: list[str], key: Path) -> Path:
         "    zram_kernel: false",
         "    # Same architecture and CPU as the workstation: its llama.cpp build seeds the class.",
         "    llama_cpp_seed_from_workstation: true",
+        "    # Stand-ins share two workstation cores: small benchmarks, one thread each.",
+        "    pi_agent_threads: 1",
+        "    bench_threads: [1]",
+        "    bench_n_prompt: 16",
+        "    bench_n_gen: 8",
+        "    bench_repetitions: 1",
         "",
     ]
     INVENTORY.parent.mkdir(parents=True, exist_ok=True)
@@ -302,6 +337,11 @@ def up(count: int) -> int:
     if not network_exists():
         podman("network", "create", "--label", LABEL, NETWORK)
     existing = set(containers())
+    # A stand-in made before the agent's port was published: make it again.
+    for name in sorted(existing):
+        if published_port(name, AGENT_PORT) is None:
+            podman("rm", "--force", "--time", "5", name)
+            existing.discard(name)
     wanted = [f"{PREFIX}{i}" for i in range(1, count + 1)]
     for name in sorted(existing - set(wanted)):
         podman("rm", "--force", "--time", "5", name)

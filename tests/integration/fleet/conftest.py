@@ -1,4 +1,5 @@
-"""Fixtures of the fleet tests: the lab's image, a lab of stand-in Pis, one zram test at a time.
+"""Fixtures of the fleet tests: the lab's image, a lab of stand-in Pis, the model to deploy,
+one zram test at a time.
 
 The image (a debootstrap root file system, cached under .cache/lab/) is made once per session and
 shared by the molecule scenarios and the lab; the lab is brought up once per session and taken
@@ -14,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleet_helpers import LAB, ROOT, fleet_env, require_container_tools, run
+from fleet_helpers import LAB, ROOT, fleet_env, make_export, require_container_tools, run
+
+LAB_HOSTS = 3
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +33,9 @@ def lab_image() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def lab(lab_image: str) -> Iterator[Path]:
-    """Two stand-in Pis, up for the session; yields the generated inventory."""
-    done = run([sys.executable, str(LAB), "up", "--hosts", "2"], timeout=600)
-    assert "2 stand-in Pi(s) up" in done.stdout
+    """Three stand-in Pis (a canary and two more), up for the session; yields the inventory."""
+    done = run([sys.executable, str(LAB), "up", "--hosts", str(LAB_HOSTS)], timeout=600)
+    assert f"{LAB_HOSTS} stand-in Pi(s) up" in done.stdout
     yield ROOT / "inventory" / "lab.yml"
     subprocess.run([sys.executable, str(LAB), "down", "--keep-image"], env=fleet_env(),
                    check=False, capture_output=True)  # fmt: skip
@@ -46,3 +49,16 @@ def zram_lock() -> Iterator[None]:
     with lock.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+@pytest.fixture(scope="session")
+def student_export(tmp_path_factory: pytest.TempPathFactory, pi_agent_tiny_gguf: Path) -> Path:
+    """The tiny test model as a fake student export (distill export's layout and manifest)."""
+    return make_export(tmp_path_factory.mktemp("student") / "dist", pi_agent_tiny_gguf.read_bytes())
+
+
+@pytest.fixture(scope="session")
+def corrupt_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A broken model whose checksums are right: it reaches the canary, llama-server refuses it."""
+    weights = b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * 16
+    return make_export(tmp_path_factory.mktemp("corrupt") / "dist", weights)

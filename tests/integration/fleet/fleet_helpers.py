@@ -5,6 +5,8 @@ A module of its own (not conftest.py): test files import it by a name no other f
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -19,10 +21,11 @@ LAB = ROOT / "scripts" / "lab.py"
 VENV_BIN = Path(sys.executable).parent
 
 
-def fleet_env() -> dict[str, str]:
+def fleet_env(**extra: str) -> dict[str, str]:
     """The environment ansible and molecule run in: the venv first, the project's ansible.cfg."""
     return {
         **os.environ,
+        **extra,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
         "ANSIBLE_FORCE_COLOR": "0",
@@ -31,12 +34,20 @@ def fleet_env() -> dict[str, str]:
     }
 
 
-def run(cmd: list[str], *, cwd: Path = ROOT, timeout: float = 900) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str],
+    *,
+    cwd: Path = ROOT,
+    timeout: float = 900,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run a command in the fleet environment; on failure fail the test with its output's tail."""
     done = subprocess.run(
-        cmd, cwd=cwd, env=fleet_env(), capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if done.returncode != 0:
+        cmd, cwd=cwd, env=fleet_env(**(env or {})), capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )  # fmt: skip
+    if check and done.returncode != 0:
         tail = (done.stdout + done.stderr)[-6000:]
         pytest.fail(f"{' '.join(cmd)}: exit {done.returncode}\n{tail}", pytrace=False)
     return done
@@ -57,3 +68,26 @@ def require_container_tools() -> None:
     missing = [t for t in ("podman", "runc", "debootstrap") if shutil.which(t) is None]
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: apt-get install podman runc debootstrap")
+
+
+def make_export(out: Path, weights: bytes, name: str = "student", quant: str = "F16") -> Path:
+    """A folder laid out as `distill export` writes it: GGUF, its .sha256, manifest.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    gguf = out / f"{name}-{quant}.gguf"
+    gguf.write_bytes(weights)
+    digest = hashlib.sha256(weights).hexdigest()
+    gguf.with_name(gguf.name + ".sha256").write_text(f"{digest}  {gguf.name}\n")
+    manifest = {
+        "name": name,
+        "kind": "decoder",
+        "files": [{"quant": quant, "file": gguf.name, "bytes": len(weights), "sha256": digest}],
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def version_of(export: Path) -> str:
+    """The version name model_sync gives an export in the agents' stores."""
+    manifest = json.loads((export / "manifest.json").read_text())
+    entry = manifest["files"][0]
+    return f"{manifest['name']}-{entry['quant']}-{entry['sha256'][:12]}"

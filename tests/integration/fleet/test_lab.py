@@ -1,31 +1,65 @@
-"""The lab end to end: stand-in Pis over SSH, provisioning on them, a second run that changes
-nothing, and a lab-down that leaves nothing behind.
+"""The lab end to end: stand-in Pis over SSH, site.yml on them (provision, deploy, bench), a second
+run that changes nothing, an OpenAI client answered by the deployed student, a corrupt model that
+stops at the canary (which rolls back), a host lost mid-run, and a lab-down that leaves nothing.
 
-Tests in this file run in order and share one lab (the session's ``lab`` fixture, two hosts).
+Tests in this file run in order and share one lab (the session's ``lab`` fixture, three hosts:
+pi-1 is the canary).
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
-from fleet_helpers import LAB, ROOT, fleet_env, recap, run
+from fleet_helpers import LAB, ROOT, fleet_env, recap, run, version_of
 
 pytestmark = pytest.mark.slow
 
+PLAYBOOK = str(ROOT / ".venv" / "bin" / "ansible-playbook")
+HOSTS = ["pi-1", "pi-2", "pi-3"]
 
-def lab_hosts(inventory) -> dict[str, dict]:
+
+def lab_hosts(inventory: Path) -> dict[str, dict]:
     return yaml.safe_load(inventory.read_text())["all"]["children"]["pis"]["hosts"]
+
+
+def token(host: str) -> str:
+    return (ROOT / ".cache" / "fleet" / "tokens" / host).read_text().strip()
+
+
+def agent_get(inventory: Path, host: str, path: str) -> dict:
+    """GET an agent endpoint from the workstation, through the lab's published port."""
+    request = urllib.request.Request(
+        lab_hosts(inventory)[host]["pi_agent_url"] + path,
+        headers={"Authorization": f"Bearer {token(host)}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def active_version(inventory: Path, host: str) -> str | None:
+    data = agent_get(inventory, host, "/v1/models")["data"]
+    return next((m["version"] for m in data if m["active"]), None)
+
+
+def site(inventory: Path, export: Path, results: Path, *extra: str) -> list[str]:
+    return [PLAYBOOK, "playbooks/site.yml", "-i", str(inventory), "-e", f"fleet_model_dir={export}",
+            "-e", f"bench_results_dir={results}", *extra]  # fmt: skip
 
 
 def test_every_stand_in_answers_ssh_as_pi_with_sudo(lab) -> None:
     key = ROOT / ".cache" / "lab" / "ssh" / "id_ed25519"
     hosts = lab_hosts(lab)
-    assert sorted(hosts) == ["pi-1", "pi-2"]
+    assert sorted(hosts) == HOSTS
     for name, hostvars in hosts.items():
         assert hostvars["ansible_host"] == "127.0.0.1"  # published on loopback only
+        assert hostvars["pi_agent_url"].startswith("http://127.0.0.1:")
         done = subprocess.run(
             ["ssh", "-i", str(key), "-p", str(hostvars["ansible_port"]), "-o", "BatchMode=yes",
              "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -35,15 +69,101 @@ def test_every_stand_in_answers_ssh_as_pi_with_sudo(lab) -> None:
         assert done.stdout.split() == [name, "0", "running"], done.stderr
 
 
-def test_site_provisions_the_lab_and_a_second_run_changes_nothing(lab) -> None:
+def test_site_serves_and_benchmarks_the_lab_and_a_second_run_changes_nothing(
+    lab: Path, student_export: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     pytest.importorskip("distill.llamacpp").require_tools()  # seeds the stand-ins' class
-    cmd = [str(ROOT / ".venv" / "bin" / "ansible-playbook"), "playbooks/site.yml", "-i", str(lab)]
-    first = recap(run(cmd, timeout=900).stdout)
-    assert set(first) == {"pi-1", "pi-2"}
-    assert all(counts["failed"] == 0 and counts["unreachable"] == 0 for counts in first.values())
-    assert all(counts["changed"] > 0 for counts in first.values())
-    second = recap(run(cmd, timeout=900).stdout)
-    assert {host: counts["changed"] for host, counts in second.items()} == {"pi-1": 0, "pi-2": 0}
+    results = tmp_path_factory.mktemp("results")
+    cmd = site(lab, student_export, results)
+    started = time.monotonic()
+    first = recap(run(cmd, timeout=1200).stdout)
+    first_s = time.monotonic() - started
+    assert set(first) == set(HOSTS)
+    assert all(c["failed"] == 0 and c["unreachable"] == 0 for c in first.values()), first
+    assert all(c["changed"] > 0 for c in first.values())
+    version = version_of(student_export)
+    installed = {h: agent_get(lab, h, f"/v1/models/{version}")["created"] for h in HOSTS}
+    assert {h: active_version(lab, h) for h in HOSTS} == dict.fromkeys(HOSTS, version)
+    for host in HOSTS:
+        assert len(list((results / host).glob("*.csv"))) == 1
+    report = (results / "fleet-report.csv").read_text().splitlines()
+    assert report[0].startswith("host,board,model,quant,threads,pp_tok_s,tg_tok_s")
+    assert sorted(line.split(",")[0] for line in report[1:]) == HOSTS
+    assert (results / "fleet-report.md").is_file() and (results / "fleet-report.png").is_file()
+
+    second = recap(run(cmd, timeout=1200).stdout)
+    assert {host: counts["changed"] for host, counts in second.items()} == dict.fromkeys(HOSTS, 0)
+    # Nothing moved: the same version, installed at the same moment, on every board.
+    assert {h: agent_get(lab, h, f"/v1/models/{version}")["created"] for h in HOSTS} == installed
+    print(f"site.yml first run {first_s:.0f} s")
+
+
+def test_an_openai_client_gets_text_from_the_deployed_student(
+    lab: Path, student_export: Path
+) -> None:
+    openai = pytest.importorskip("openai")
+    url = lab_hosts(lab)["pi-2"]["pi_agent_url"]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=token("pi-2"), timeout=60)
+    assert version_of(student_export) in [m.id for m in client.models.list().data]
+    answer = client.chat.completions.create(
+        model=version_of(student_export),
+        messages=[{"role": "user", "content": "Bonjour! Comment ça va?"}],
+        max_tokens=8,
+    )
+    assert answer.choices[0].message.content.strip()
+
+
+def test_a_corrupt_model_stops_at_the_canary_which_rolls_back(
+    lab: Path, student_export: Path, corrupt_export: Path
+) -> None:
+    done = run([PLAYBOOK, "playbooks/deploy.yml", "-i", str(lab),
+                "-e", f"fleet_model_dir={corrupt_export}"], check=False)  # fmt: skip
+    assert done.returncode != 0
+    counts = recap(done.stdout)
+    assert set(counts) == {"pi-1"}, counts  # the rollout never reached pi-2 and pi-3
+    assert counts["pi-1"]["failed"] == 1
+    assert "the agent rolled back to " + version_of(student_export) in done.stdout
+    # The canary was given the broken version, refused it, and serves the old model again.
+    assert version_of(corrupt_export) in [
+        m["version"] for m in agent_get(lab, "pi-1", "/v1/models")["data"]
+    ]
+    assert {h: active_version(lab, h) for h in HOSTS} == dict.fromkeys(
+        HOSTS, version_of(student_export)
+    )
+    assert agent_get(lab, "pi-1", "/readyz")["ready"] is True
+
+
+def test_a_host_stopped_mid_run_fails_alone_and_is_named_in_the_recap(
+    lab: Path, student_export: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    cmd = site(lab, student_export, tmp_path_factory.mktemp("results"))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=fleet_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines = []
+    stopped = False
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if not stopped and line.startswith("TASK [pi_agent"):
+                # Mid-run: provisioning is under way on every host.
+                subprocess.run(["podman", "--runtime", "runc", "stop", "--time", "1",
+                                "pidistill-pi-3"], check=True, capture_output=True)  # fmt: skip
+                stopped = True
+        proc.wait(timeout=1200)
+        output = "".join(lines)
+        assert stopped, output[-3000:]
+        counts = recap(output)
+        assert counts["pi-3"]["unreachable"] + counts["pi-3"]["failed"] >= 1, counts
+        for host in ("pi-1", "pi-2"):
+            assert counts[host]["failed"] == 0 and counts[host]["unreachable"] == 0, counts
+        assert "PLAY [Benchmark the fleet]" in output  # the others went on to the last stage
+        assert proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        # Bring pi-3 back (its published ports may change: the inventory is written again).
+        run([sys.executable, str(LAB), "up", "--hosts", str(len(HOSTS))], timeout=600)
 
 
 def test_lab_down_removes_all_it_made(lab) -> None:
