@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fleet_helpers import ROOT
+from fleet_helpers import LAB, ROOT
+from fleet_helpers import run as run_command
 from textual.widgets import Input
 
 from tui.app import FleetApp
@@ -48,6 +49,8 @@ def lab_hosts(inventory: Path) -> list[str]:
 
 
 async def test_the_run_screen_provisions_the_lab(lab: Path, tmp_path: Path) -> None:
+    # test_lab.py ends by taking the lab down: bring it (back) up, a no-op when it is up.
+    run_command([sys.executable, str(LAB), "up", "--hosts", "3"], timeout=600)
     hosts = lab_hosts(lab)
     assert len(hosts) >= 2
     settings = Settings(project_dir=ROOT, inventory=(lab,), poll_agents=False)
