@@ -134,3 +134,19 @@ class FakeAgent:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+async def until(pilot: Any, condition: Any, timeout: float = 20.0) -> None:
+    """Let a Textual app under ``run_test()`` run until ``condition()`` holds.
+
+    The one way the TUI tests wait: poll between pilot pauses (never a bare sleep), failing the
+    test after ``timeout`` seconds.
+    """
+    waited = 0.0
+    step = 0.02
+    while not condition():
+        if waited > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await pilot.pause(step)
+        waited += step
+        step = min(step * 2, 0.2)

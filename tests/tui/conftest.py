@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from tui.testing import until as until_helper
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 EVENTS = FIXTURES / "events"
 SIZE = (140, 40)
@@ -49,16 +51,4 @@ def broken(tmp_path: Path) -> Path:
 @pytest.fixture
 def until() -> Callable[..., Any]:
     """The waiting helper (a fixture, since test modules do not import each other)."""
-    return _until
-
-
-async def _until(pilot: Any, condition: Callable[[], object], timeout: float = 20.0) -> None:
-    """Let the app run until ``condition()`` is true; fail the test after ``timeout`` seconds."""
-    loop_time = 0.0
-    step = 0.02
-    while not condition():
-        if loop_time > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await pilot.pause(step)
-        loop_time += step
-        step = min(step * 2, 0.2)
+    return until_helper

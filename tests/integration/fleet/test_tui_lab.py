@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from textual.widgets import Input
 from tui.app import FleetApp
 from tui.screens.run import RunScreen
 from tui.settings import Settings
+from tui.testing import until
 from tui.widgets.run_table import RecapTable, RunTable
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -25,17 +25,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 def anyio_backend() -> str:
     """Textual runs on asyncio."""
     return "asyncio"
-
-
-async def until(pilot, condition: Callable[[], object], timeout: float) -> None:
-    """Let the app run until ``condition()`` holds; fail after ``timeout`` seconds."""
-    waited, step = 0.0, 0.05
-    while not condition():
-        if waited > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await pilot.pause(step)
-        waited += step
-        step = min(step * 2, 0.5)
 
 
 def lab_hosts(inventory: Path) -> list[str]:
