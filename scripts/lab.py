@@ -9,9 +9,10 @@
 A stand-in is Raspberry Pi OS in miniature: a Debian bookworm root file system made once by
 debootstrap (cached under .cache/lab/ as a tarball keyed by its recipe), imported as the image
 ``localhost/pidistill-lab:bookworm``, with a user ``pi`` that has passwordless sudo. Each host
-publishes its port 22 and pi-agent's port 8470 on 127.0.0.1 only (random host ports, written into
-the inventory as ``ansible_port`` and ``pi_agent_url``), and the hosts share the project's own
-podman network.
+has an address on the project's own podman network, ``pidistill-lab``, which the workstation routes
+to directly, as it would to a real Pi on its LAN: SSH on port 22, pi-agent on 8470 (written into the
+inventory as ``ansible_host`` and ``pi_agent_url``). The stand-ins reach each other the same way.
+Nothing is published on the workstation's own addresses: no NAT sits between the lab's hosts.
 Two quirks of these machines are built in (see shared/DESIGN.md): ``--runtime runc`` and ulimits
 of 4096. Everything the lab makes carries a ``pidistill.lab`` label, by which ``down`` removes it.
 """
@@ -38,7 +39,7 @@ LABEL = "pidistill.lab"
 # Containers inherit the image's labels (molecule's too): the lab's own hosts carry this one.
 HOST_LABEL = "pidistill.lab.host"
 PREFIX = "pidistill-pi-"
-# pi-agent's port (pi_agent_port), published on 127.0.0.1 like SSH: the TUI and tests reach it.
+# pi-agent's port (pi_agent_port): the TUI, the tests and the other stand-ins reach it.
 AGENT_PORT = 8470
 SUITE = "bookworm"
 MIRROR = os.environ.get("PIDISTILL_LAB_MIRROR", "http://deb.debian.org/debian")
@@ -61,7 +62,8 @@ PACKAGES = (
     "libgomp1",
 )
 # Run inside the chroot after debootstrap: Raspberry Pi OS's user, per-container host keys,
-# and no units that fight a container (consoles, apt's timers that would take the dpkg lock).
+# pam_limits made optional, and no units that fight a container (consoles, apt's timers that
+# would take the dpkg lock).
 CUSTOMIZE = r"""
 set -eu
 useradd --create-home --shell /bin/bash --groups sudo pi
@@ -74,6 +76,9 @@ install -d /etc/systemd/system/ssh.service.d
 printf '[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n' \
   > /etc/systemd/system/ssh.service.d/lab-host-keys.conf
 printf 'PasswordAuthentication no\nUseDNS no\n' > /etc/ssh/sshd_config.d/lab.conf
+# The VM's lowered ulimits: pam_limits may fail to apply a limit, which must not deny a login.
+sed -i 's/^session\s\+required\s\+pam_limits.so/session optional pam_limits.so/' \
+  /etc/pam.d/sshd /etc/pam.d/sudo /etc/pam.d/sudo-i /etc/pam.d/su /etc/pam.d/runuser
 systemctl enable ssh.service
 for unit in getty@tty1.service console-getty.service systemd-remount-fs.service \
             apt-daily.timer apt-daily-upgrade.timer; do
@@ -202,54 +207,72 @@ def host_name(container: str) -> str:
     return container.removeprefix("pidistill-")
 
 
-def published_port(container: str, port: int) -> int | None:
-    """The 127.0.0.1 port that a container's ``port`` is published on (``None``: not published)."""
-    out = podman("port", container, f"{port}/tcp", check=False).strip().splitlines()
-    return int(out[0].rsplit(":", 1)[1]) if out else None
-
-
-def ssh_port(container: str) -> int:
-    """The 127.0.0.1 port that a container's sshd is published on."""
-    port = published_port(container, 22)
-    if port is None:
-        raise LabError(f"{container}: port 22 is not published")
-    return port
+def address(container: str) -> str:
+    """The stand-in's IP address on the lab network (the workstation routes to it directly)."""
+    out = podman(
+        "inspect", "--format",
+        f'{{{{(index .NetworkSettings.Networks "{NETWORK}").IPAddress}}}}', container,
+    ).strip()  # fmt: skip
+    if not out or out == "<no value>":
+        raise LabError(f"{container}: no address on the {NETWORK} network")
+    return out
 
 
 def agent_url(container: str) -> str:
-    """``http://127.0.0.1:<port>``: where the workstation reaches a stand-in's pi-agent."""
-    port = published_port(container, AGENT_PORT)
-    if port is None:
-        raise LabError(f"{container}: port {AGENT_PORT} is not published")
-    return f"http://127.0.0.1:{port}"
+    """``http://<address>:8470``: where the workstation (and the other stand-ins) reach pi-agent."""
+    return f"http://{address(container)}:{AGENT_PORT}"
 
 
-def ssh_args(key: Path, port: int) -> list[str]:
+def ssh_args(key: Path, host: str) -> list[str]:
     """An ``ssh`` command line to ``pi`` on a stand-in (lab only: host keys are not checked)."""
     return [
         "ssh",
         "-i", str(key),
-        "-p", str(port),
         "-o", "BatchMode=yes",
         "-o", "StrictHostKeyChecking=no",
         "-o", "UserKnownHostsFile=/dev/null",
         "-o", "LogLevel=ERROR",
         "-o", "ConnectTimeout=5",
-        "pi@127.0.0.1",
+        f"pi@{host}",
     ]  # fmt: skip
 
 
-def wait_ssh(key: Path, port: int, timeout: float = 90.0) -> None:
-    """Wait until ``pi`` can log in and run sudo over SSH."""
+def diagnose(container: str) -> str:
+    """What a stand-in that does not answer SSH is doing: its state, systemd's, sshd's journal."""
+    state = podman("inspect", "--format", "{{.State.Status}}", container, check=False).strip()
+    lines = [f"state: {state}"]
+    for label, cmd in (
+        ("systemd", ["systemctl", "is-system-running"]),
+        ("failed units", ["systemctl", "--failed", "--no-legend", "--plain"]),
+        ("sshd", ["journalctl", "--no-pager", "-n", "8", "-u", "ssh.service"]),
+        ("listening", ["ss", "-tln"]),
+    ):
+        done = subprocess.run(
+            ["podman", "--runtime", "runc", "exec", container, *cmd],
+            capture_output=True, text=True, check=False, timeout=20,
+        )  # fmt: skip
+        lines.append(f"{label}: {(done.stdout + done.stderr).strip()[-600:]}")
+    route = subprocess.run(["ip", "route", "get", address(container)], capture_output=True,
+                           text=True, check=False)  # fmt: skip
+    lines.append(f"route: {(route.stdout + route.stderr).strip()}")
+    return "\n  ".join(lines)
+
+
+def wait_ssh(key: Path, container: str, timeout: float = 120.0) -> None:
+    """Wait until ``pi`` can log in and run sudo over SSH; on timeout say what the host is doing."""
+    host = address(container)
     deadline = time.monotonic() + timeout
     while True:
-        done = subprocess.run(
-            [*ssh_args(key, port), "sudo", "-n", "true"], capture_output=True, check=False
-        )
+        cmd = [*ssh_args(key, host), "sudo", "-n", "true"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode == 0:
             return
         if time.monotonic() > deadline:
-            raise LabError(f"ssh to 127.0.0.1:{port} not ready after {timeout:.0f}s")
+            why = done.stderr.strip()[-300:] or f"exit {done.returncode}"
+            raise LabError(
+                f"ssh to pi@{host} ({container}) not ready after {timeout:.0f}s: {why}\n"
+                f"  {diagnose(container)}"
+            )
         time.sleep(1)
 
 
@@ -262,8 +285,6 @@ def start(index: int, key: Path) -> str:
         "--hostname", host_name(name),
         "--label", f"{HOST_LABEL}={index}",
         "--network", NETWORK,
-        "--publish", "127.0.0.1::22",
-        "--publish", f"127.0.0.1::{AGENT_PORT}",
         *RUN_OPTIONS,
         IMAGE,
     )  # fmt: skip
@@ -280,8 +301,7 @@ def write_inventory(names: list[str], key: Path) -> Path:
     """``inventory/lab.yml`` (generated, git-ignored): the stand-ins as a fleet of Pis."""
     hosts = {
         host_name(n): {
-            "ansible_host": "127.0.0.1",
-            "ansible_port": ssh_port(n),
+            "ansible_host": address(n),
             "pi_agent_url": agent_url(n),
         }
         for n in names
@@ -337,11 +357,6 @@ def up(count: int) -> int:
     if not network_exists():
         podman("network", "create", "--label", LABEL, NETWORK)
     existing = set(containers())
-    # A stand-in made before the agent's port was published: make it again.
-    for name in sorted(existing):
-        if published_port(name, AGENT_PORT) is None:
-            podman("rm", "--force", "--time", "5", name)
-            existing.discard(name)
     wanted = [f"{PREFIX}{i}" for i in range(1, count + 1)]
     for name in sorted(existing - set(wanted)):
         podman("rm", "--force", "--time", "5", name)
@@ -354,7 +369,7 @@ def up(count: int) -> int:
             podman("start", name)
             started += 1
     for name in wanted:
-        wait_ssh(key, ssh_port(name))
+        wait_ssh(key, name)
     path = write_inventory(wanted, key)
     print(f"lab: {count} stand-in Pi(s) up (created {created}, started {started}); "
           f"inventory {path.relative_to(ROOT)}")  # fmt: skip
@@ -378,16 +393,14 @@ def down(keep_image: bool = False) -> int:
 
 
 def status() -> int:
-    """One line per stand-in: name, state, SSH port."""
-    out = podman(
-        "ps",
-        "-a",
-        "--filter",
-        f"label={HOST_LABEL}",
-        "--format",
-        "{{.Names}}\t{{.Status}}\t{{.Ports}}",
-    )
-    print(out.strip() or "lab: no stand-in Pis")
+    """One line per stand-in: name, address, state."""
+    names = containers()
+    for name in names:
+        state = podman("inspect", "--format", "{{.State.Status}}", name).strip()
+        where = address(name) if state == "running" else "-"
+        print(f"{host_name(name)}\t{where}\t{state}")
+    if not names:
+        print("lab: no stand-in Pis")
     return 0
 
 

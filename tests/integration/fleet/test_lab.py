@@ -8,6 +8,7 @@ pi-1 is the canary).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def token(host: str) -> str:
 
 
 def agent_get(inventory: Path, host: str, path: str) -> dict:
-    """GET an agent endpoint from the workstation, through the lab's published port."""
+    """GET an agent endpoint from the workstation, at the stand-in's address on the lab network."""
     request = urllib.request.Request(
         lab_hosts(inventory)[host]["pi_agent_url"] + path,
         headers={"Authorization": f"Bearer {token(host)}"},
@@ -57,13 +58,17 @@ def test_every_stand_in_answers_ssh_as_pi_with_sudo(lab) -> None:
     key = ROOT / ".cache" / "lab" / "ssh" / "id_ed25519"
     hosts = lab_hosts(lab)
     assert sorted(hosts) == HOSTS
+    addresses = {hostvars["ansible_host"] for hostvars in hosts.values()}
+    assert len(addresses) == len(hosts)
     for name, hostvars in hosts.items():
-        assert hostvars["ansible_host"] == "127.0.0.1"  # published on loopback only
-        assert hostvars["pi_agent_url"].startswith("http://127.0.0.1:")
+        # Each on the lab's own network, reached directly (no port published on the workstation).
+        address = ipaddress.ip_address(hostvars["ansible_host"])
+        assert address.is_private and not address.is_loopback
+        assert hostvars["pi_agent_url"] == f"http://{address}:8470"
         done = subprocess.run(
-            ["ssh", "-i", str(key), "-p", str(hostvars["ansible_port"]), "-o", "BatchMode=yes",
+            ["ssh", "-i", str(key), "-o", "BatchMode=yes",
              "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-             "pi@127.0.0.1", "hostname && sudo -n id -u && systemctl is-system-running"],
+             f"pi@{address}", "hostname && sudo -n id -u && systemctl is-system-running"],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert done.stdout.split() == [name, "0", "running"], done.stderr
