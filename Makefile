@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 export PIDISTILL_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-APT_PACKAGES := build-essential cmake git python3-venv podman runc debootstrap prometheus
+APT_PACKAGES := build-essential cmake git python3-venv podman runc debootstrap prometheus aria2
 STAMP_APT := $(PIDISTILL_CACHE_DIR)/apt.stamp
 STAMP_VENV := $(VENV)/.installed
 
@@ -24,7 +24,7 @@ help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 apt: $(STAMP_APT) ## install the Debian packages the project needs (as root)
-$(STAMP_APT):
+$(STAMP_APT): Makefile
 	@mkdir -p $(dir $@)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -45,7 +45,7 @@ SUITE = "bookworm"
 MIRROR = os.environ.get("PIDISTILL_LAB_MIRROR", "http://deb.debian.org/debian")
 # minbase + what a booted, SSH-reachable Pi needs, + what the roles would otherwise install
 # over the network on every run (python3-apt for the apt module, libgomp1 for llama.cpp,
-# python3-venv for the pi_agent role).
+# python3-venv for the pi_agent role, aria2 for model_sync's peers source).
 PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -60,6 +60,7 @@ PACKAGES = (
     "procps",
     "kmod",
     "libgomp1",
+    "aria2",
 )
 # Run inside the chroot after debootstrap: Raspberry Pi OS's user, per-container host keys,
 # pam_limits made optional, and no units that fight a container (consoles, apt's timers that
@@ -87,6 +88,10 @@ done
 : > /etc/machine-id
 rm -f /var/cache/apt/archives/*.deb
 """  # noqa: E501
+# Link caps (tc's token bucket filter): each stand-in's link, both ways, and the workstation's
+# uplink into the lab. "0" switches a cap off. This kernel has no sch_netem: no added delay.
+LINK_RATE = os.environ.get("LAB_LINK_RATE", "100mbit")
+UPLINK_RATE = os.environ.get("LAB_UPLINK_RATE", "100mbit")
 RUN_OPTIONS = (
     "--systemd=always",
     "--ulimit=nofile=4096:4096",
@@ -297,7 +302,42 @@ def start(index: int, key: Path) -> str:
     return name
 
 
-def write_inventory(names: list[str], key: Path) -> Path:
+def tc_cap(device: str, rate: str, netns_pid: int | None = None) -> None:
+    """Cap ``device``'s egress at ``rate`` with a token bucket (``0``: remove the cap)."""
+    enter = ["nsenter", "-t", str(netns_pid), "-n"] if netns_pid else []
+    if rate in ("", "0"):
+        subprocess.run([*enter, "tc", "qdisc", "del", "dev", device, "root"],
+                       capture_output=True, check=False)  # fmt: skip
+        return
+    # The burst must hold a whole GSO segment (64 KiB on veth) or tbf drops it.
+    sh([*enter, "tc", "qdisc", "replace", "dev", device, "root",
+        "tbf", "rate", rate, "burst", "256kb", "latency", "50ms"])  # fmt: skip
+
+
+def host_veth(container: str) -> tuple[str, int]:
+    """The workstation's end of a stand-in's link, and the stand-in's PID (for its netns)."""
+    pid = int(podman("inspect", "--format", "{{.State.Pid}}", container).strip())
+    # "2: eth0@if168: ..." (netlink answers for the netns; /sys would show the workstation's)
+    inside = sh(["nsenter", "-t", str(pid), "-n", "ip", "-o", "link", "show", "dev", "eth0"])
+    peer = inside.split(":", 2)[1].strip().partition("@if")[2]
+    for line in sh(["ip", "-o", "link", "show"]).splitlines():
+        index, name = line.split(":", 2)[:2]
+        if peer and index.strip() == peer:
+            return name.strip().split("@")[0], pid
+    raise LabError(f"{container}: no workstation end of its link (ifindex {peer or '?'})")
+
+
+def shape(names: list[str], link_rate: str, uplink_rate: str) -> None:
+    """Cap every stand-in's link both ways, and the workstation's uplink (the bridge's egress)."""
+    bridge = podman("network", "inspect", "--format", "{{.NetworkInterface}}", NETWORK).strip()
+    tc_cap(bridge, uplink_rate)
+    for name in names:
+        veth, pid = host_veth(name)
+        tc_cap(veth, link_rate)  # towards the Pi: its downlink
+        tc_cap("eth0", link_rate, netns_pid=pid)  # from the Pi: its uplink
+
+
+def write_inventory(names: list[str], key: Path, link_rate: str, uplink_rate: str) -> Path:
     """``inventory/lab.yml`` (generated, git-ignored): the stand-ins as a fleet of Pis."""
     hosts = {
         host_name(n): {
@@ -341,6 +381,9 @@ def write_inventory(names: list[str], key: Path) -> Path:
         "    bench_n_prompt: 16",
         "    bench_n_gen: 8",
         "    bench_repetitions: 1",
+        "    # The lab's link caps (tc tbf; 0: none), for reports.",
+        f"    lab_link_rate: {json.dumps(link_rate)}",
+        f"    lab_uplink_rate: {json.dumps(uplink_rate)}",
         "",
     ]
     INVENTORY.parent.mkdir(parents=True, exist_ok=True)
@@ -348,8 +391,8 @@ def write_inventory(names: list[str], key: Path) -> Path:
     return INVENTORY
 
 
-def up(count: int) -> int:
-    """Make ``count`` stand-ins (existing ones are kept; extra ones removed)."""
+def up(count: int, link_rate: str = LINK_RATE, uplink_rate: str = UPLINK_RATE) -> int:
+    """Make ``count`` stand-ins (existing ones are kept; extra ones removed), links capped."""
     if count < 1:
         raise LabError("--hosts must be at least 1")
     ensure_image()
@@ -370,8 +413,10 @@ def up(count: int) -> int:
             started += 1
     for name in wanted:
         wait_ssh(key, name)
-    path = write_inventory(wanted, key)
-    print(f"lab: {count} stand-in Pi(s) up (created {created}, started {started}); "
+    shape(wanted, link_rate, uplink_rate)
+    path = write_inventory(wanted, key, link_rate, uplink_rate)
+    print(f"lab: {count} stand-in Pi(s) up (created {created}, started {started}); links "
+          f"{link_rate or '0'} each way, uplink {uplink_rate or '0'}; "
           f"inventory {path.relative_to(ROOT)}")  # fmt: skip
     return 0
 
@@ -410,6 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="make N stand-in Pis and write inventory/lab.yml")
     p_up.add_argument("--hosts", type=int, default=int(os.environ.get("N", "3")),
                       help="how many stand-ins (default: $N or 3)")  # fmt: skip
+    p_up.add_argument("--link-rate", default=LINK_RATE,
+                      help="cap of each stand-in's link, each way (tc rate; 0: none; "
+                           "default $LAB_LINK_RATE or 100mbit)")  # fmt: skip
+    p_up.add_argument("--uplink-rate", default=UPLINK_RATE,
+                      help="cap of the workstation's uplink into the lab (default "
+                           "$LAB_UPLINK_RATE or 100mbit)")  # fmt: skip
     p_down = sub.add_parser("down", help="remove everything the lab made")
     p_down.add_argument("--keep-image", action="store_true", help="keep the imported image")
     sub.add_parser("image", help="build (once) and import the stand-in image")
@@ -417,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            return up(args.hosts)
+            return up(args.hosts, args.link_rate, args.uplink_rate)
         if args.command == "down":
             return down(args.keep_image)
         if args.command == "image":
