@@ -14,11 +14,11 @@ TORCH_SPEC ?= torch==2.13.0
 export PIDISTILL_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-APT_PACKAGES := build-essential cmake git python3-venv podman runc debootstrap prometheus aria2
+APT_PACKAGES := build-essential cmake git python3-venv podman runc debootstrap prometheus aria2 libopenblas-dev
 STAMP_APT := $(PIDISTILL_CACHE_DIR)/apt.stamp
 STAMP_VENV := $(VENV)/.installed
 
-.PHONY: help venv apt llamacpp demo test test-fast lint bench clean teacher lab-up lab-down fleet-demo
+.PHONY: help venv apt llamacpp demo test test-fast lint bench clean teacher lab-up lab-down fleet-demo bench-fleet
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ fleet-demo: $(STAMP_VENV) llamacpp ## lab up, site.yml with the exported student
 
 bench: $(STAMP_VENV) llamacpp ## measure, write runs/bench/bench.md and bench.csv
 	$(BIN)/python -m distill.bench --out runs/bench
+
+bench-fleet: $(STAMP_VENV) llamacpp ## the lab at N=4..32: model delivery (push vs peers), no-change site.yml
+	$(BIN)/python scripts/bench_fleet.py --sizes $${SIZES:-4,8,16,32} --out runs/bench
 
 clean: ## remove run outputs (keeps .venv and the cache)
 	rm -rf runs results .pytest_cache .ruff_cache

@@ -15,7 +15,10 @@ Sections:
 - ``training``: tokens/s and peak memory of LoRA, DoRA and QLoRA steps on the CPU, and on a CUDA
   GPU when there is one (a Qwen2-0.5B-shaped model at 512 tokens: the seed default against what
   ``distill train`` picks by itself).
+- ``decode``: generation tokens/s of the teacher GGUF with the native and the OpenBLAS llama.cpp
+  builds against the memory-bandwidth roofline, and the build the llama_cpp role keeps.
 - ``agent``: the per-Pi agent's resident memory, idle CPU and ``/metrics`` latency.
+- ``fleet``: the rows of ``make bench-fleet`` (``fleet.csv`` in ``--out``), when it has run.
 """
 
 from __future__ import annotations
@@ -228,6 +231,59 @@ def bench_training() -> list[Row]:
     return out
 
 
+# ----------------------------------------------------------------------------- decode
+
+
+def bench_decode(threads: int) -> list[Row]:
+    """tg and pp per build variant, the roofline, and which build the llama_cpp role keeps."""
+    from distill.bench_decode import GEN, PROMPT, measure, request_seconds
+
+    result = measure(threads)
+    roofline = result["roofline_tg"]
+    base = (f"{result['model']} ({result['weights_mb']:.0f} MB of weights read per token), "
+            f"{threads} threads")  # fmt: skip
+    rows = [
+        Row("decode", "read bandwidth", round(result["bandwidth_gbs"], 1), "GB/s",
+            f"numpy, {threads} threads each summing 256 MiB"),
+        Row("decode", "roofline tg", round(roofline, 1), "tok/s",
+            f"bandwidth / weights: {base}"),
+    ]  # fmt: skip
+    for variant, speeds in result["speeds"].items():
+        share = speeds["tg"] / roofline
+        rows.append(Row("decode", f"tg{GEN} ({variant})", round(speeds["tg"], 1), "tok/s",
+                        f"{share:.0%} of the roofline; {base}"))  # fmt: skip
+        rows.append(Row("decode", f"pp{PROMPT} ({variant})", round(speeds["pp"], 1), "tok/s",
+                        f"request of {PROMPT} in + {GEN} out: "
+                        f"{request_seconds(speeds):.2f} s"))  # fmt: skip
+    kept, fastest = result["kept"], result["fastest_tg"]
+    why = (f"answers a {PROMPT}+{GEN}-token request soonest"
+           + ("" if kept == fastest else f"; {fastest} decodes a little faster but its prompt "
+              "processing costs more than it saves"))  # fmt: skip
+    rows.append(Row("decode", "build kept", 1.0, kept, why))
+    return rows
+
+
+# ----------------------------------------------------------------------------- fleet
+
+
+def bench_fleet_rows(out: Path) -> list[Row]:
+    """The lab measurements of ``make bench-fleet`` (fleet.csv), when they are there."""
+    path = out / "fleet.csv"
+    if not path.is_file():
+        log.info("no %s: run make bench-fleet for the fleet rows", path)
+        return []
+    rows = []
+    with path.open(newline="") as handle:
+        for rec in csv.DictReader(handle):
+            name = f"{rec['measure']} {rec['mode']} N={rec['hosts']}".replace("  ", " ")
+            detail = "lab, links 100 Mbit/s"
+            if rec["measure"] == "delivery":
+                rerun = f"{rec['rerun_received_mb']} MB, changed={rec['rerun_changed']}"
+                detail += f"; {rec['uplink_mb']} MB from the workstation; re-run {rerun}"
+            rows.append(Row("fleet", name, float(rec["seconds"]), "s", detail))
+    return rows
+
+
 # ----------------------------------------------------------------------------- agent
 
 
@@ -253,7 +309,9 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
         a.rows, a.loop_rows, a.max_new_tokens, a.batch_size, a.parallel
     ),
     "training": lambda a: bench_training(),
+    "decode": lambda a: bench_decode(a.threads),
     "agent": lambda a: bench_agent(),
+    "fleet": lambda a: bench_fleet_rows(a.out),
 }
 
 
@@ -293,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer")
     parser.add_argument("--batch-size", type=int, default=32, help="transformers batch size")
     parser.add_argument("--parallel", type=int, default=16, help="llama-server slots")
+    parser.add_argument("--threads", type=int, default=2, help="llama-bench threads (decode)")
     args = parser.parse_args(argv)
-    for name in ("rows", "loop_rows", "max_new_tokens", "batch_size", "parallel"):
+    for name in ("rows", "loop_rows", "max_new_tokens", "batch_size", "parallel", "threads"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)

@@ -4,7 +4,8 @@
 embeddings are proxied to the supervised llama-servers on 127.0.0.1, server-sent events chunk by
 chunk. A model switch probes the new model with a real prompt and rolls back by itself when the
 probe fails; a switch interrupted by a kill is finished (probed, kept or rolled back) at the next
-start.
+start. ``/v1/blobs/<sha256>`` serves installed GGUFs to the other Pis (byte ranges, sendfile), to
+the agent's token or the fleet's peer token, which opens nothing else.
 """
 
 from __future__ import annotations
@@ -25,23 +26,34 @@ from pi_agent import __version__, http, metrics, sdnotify
 from pi_agent.config import Config
 from pi_agent.fsutil import atomic_write
 from pi_agent.host import Host, decode_throttled
-from pi_agent.http import HTTPError, Request, Response, StreamResponse
+from pi_agent.http import (
+    AnyResponse,
+    FileResponse,
+    HTTPError,
+    Request,
+    Response,
+    StreamResponse,
+    byte_range,
+)
 from pi_agent.openapi import SCHEMAS, ValidationError, document, validate
-from pi_agent.store import ModelStore, StoreError
+from pi_agent.store import SHA256_RE, ModelStore, StoreError
 from pi_agent.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 PENDING = "pending-switch.json"
 _VERSION_PATH = re.compile(r"^/v1/models/([^/]+)(/activate)?$")
-Route = Callable[[Request], Awaitable[Response | StreamResponse]]
+_BLOB_PATH = re.compile(r"^/v1/blobs/([^/]*)$")
+Route = Callable[[Request], Awaitable[AnyResponse]]
 
 
 class Agent:
     """One pi-agent; ``start`` it, ``serve_forever`` until ``stop``."""
 
-    def __init__(self, cfg: Config, token: str) -> None:
+    def __init__(self, cfg: Config, token: str, peer_token: str = "") -> None:
         self.token = token.encode()
+        self.peer_token = peer_token.encode()
+        self.blob_stats = metrics.BlobStats()
         self.started = time.time()
         self.server = http.Server(self.handle)
         self.port = 0
@@ -67,6 +79,7 @@ class Agent:
             self.state_dir / "models",
             store["keep_versions"],
             int(store["free_space_margin_mib"] * (1 << 20)),
+            Path(store["incoming_dir"] or self.state_dir / "incoming"),
         )
         self.bin_dir = Path(cfg["llama"]["bin_dir"])
         sources = {
@@ -79,6 +92,7 @@ class Agent:
             "cpu": lambda: metrics.CpuCollector(self.host),
             "llama_server": lambda: metrics.LlamaServerCollector(lambda: self.supervisors),
             "bench": lambda: metrics.BenchCollector(self.state_dir),
+            "blobs": lambda: metrics.BlobCollector(self.blob_stats),
         }
         self.registry = metrics.Registry(
             [sources[name]() for name in cfg["metrics"]["collectors"]], self.host
@@ -114,13 +128,15 @@ class Agent:
                 sup.binary = self.bin_dir / "llama-server"
                 await sup.restart(model, section)
 
-    async def reload(self, cfg: Config, token: str) -> None:
-        """SIGHUP: the new config and token; llama-servers restart only if their settings moved."""
+    async def reload(self, cfg: Config, token: str, peer_token: str = "") -> None:
+        """SIGHUP: the new config and tokens; llama-servers restart only if their settings moved."""
         old = self.cfg["agent"]
         if (cfg["agent"]["listen"], cfg["agent"]["port"]) != (old["listen"], old["port"]):
             log.warning("agent.listen and agent.port change only at restart")
         self.token = token.encode()
+        self.peer_token = peer_token.encode()
         self.configure(cfg)
+        await asyncio.to_thread(self.store.make_incoming_dir)
         logging.getLogger().setLevel(cfg["agent"]["log_level"].upper())
         await self._sync_supervisors()
         log.info("configuration reloaded")
@@ -181,10 +197,18 @@ class Agent:
 
     # the API
 
-    async def handle(self, request: Request) -> Response | StreamResponse:
+    async def handle(self, request: Request) -> AnyResponse:
         """Route one request (authentication first, except for /healthz)."""
         started = time.perf_counter()
-        response = await self._route(request)
+        blob = request.path.startswith("/v1/blobs/")
+        try:
+            response = await self._route(request)
+        except HTTPError as exc:
+            if blob:
+                self.blob_stats.requests[exc.status] += 1
+            raise
+        if blob:
+            self.blob_stats.requests[response.status] += 1
         log.debug(
             "%s %s %s %d %.1f ms",
             request.peer,
@@ -195,7 +219,7 @@ class Agent:
         )
         return response
 
-    async def _route(self, request: Request) -> Response | StreamResponse:
+    async def _route(self, request: Request) -> AnyResponse:
         path, method = request.path, request.method
         if path == "/healthz" and method in ("GET", "HEAD"):
             return Response.json({"status": "ok"})
@@ -208,7 +232,7 @@ class Agent:
             "/v1/chat/completions": {"POST": self.chat},
             "/v1/completions": {"POST": self.completions},
             "/v1/embeddings": {"POST": self.embeddings},
-            "/v1/models": {"GET": self.list_models, "POST": self.install_url},
+            "/v1/models": {"GET": self.list_models, "POST": self.install},
             "/v1/models/rollback": {"POST": self.rollback},
             "/v1/bench": {"GET": self.last_bench, "POST": self.run_bench},
             "/v1/bench/csv": {"GET": self.last_bench_csv},
@@ -220,6 +244,8 @@ class Agent:
                 table = {"POST": self.activate}
             elif match:
                 table = {"GET": self.get_model, "PUT": self.upload, "DELETE": self.delete_model}
+            elif _BLOB_PATH.match(path):
+                table = {"GET": self.get_blob, "HEAD": self.get_blob}
             else:
                 raise HTTPError(404, f"no such endpoint: {path}")
         handler = table.get(method)
@@ -237,8 +263,18 @@ class Agent:
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise HTTPError(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.strip().encode("utf-8", "replace"), self.token):
-            raise HTTPError(403, "invalid bearer token")
+        secret = given.strip().encode("utf-8", "replace")
+        if hmac.compare_digest(secret, self.token):
+            return
+        # The peer token, shared by the fleet, only reads blobs: it is refused like a wrong one
+        # everywhere else.
+        if (
+            self.peer_token
+            and _BLOB_PATH.match(request.path)
+            and hmac.compare_digest(secret, self.peer_token)
+        ):
+            return
+        raise HTTPError(403, "invalid bearer token")
 
     async def _body(self, request: Request, schema: str, required: bool = True) -> dict[str, Any]:
         if not required and request.content_length == 0:
@@ -382,11 +418,27 @@ class Agent:
         manifest["previous"] = version == self.store.previous_version()
         return Response.json(self._model_entry(manifest))
 
-    async def install_url(self, request: Request) -> Response:
-        """Install from a URL (verified by sha256), optionally activating it."""
+    async def install(self, request: Request) -> Response:
+        """Install from a URL or a file in the incoming folder (verified by sha256), optionally
+        activating it."""
         body = await self._body(request, "InstallRequest")
-        try:
+        if "path" in body:
             manifest = await asyncio.to_thread(
+                self.store.install_path,
+                body["version"],
+                body["path"],
+                body["sha256"],
+                body.get("name", ""),
+            )
+        else:
+            manifest = await self._install_url(body)
+        if body.get("activate"):
+            return await self._switch(body["version"], created=True)
+        return Response.json(manifest, 201)
+
+    async def _install_url(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await asyncio.to_thread(
                 self.store.install_url,
                 body["version"],
                 body["url"],
@@ -398,9 +450,31 @@ class Agent:
             if exc.status == 502:  # an unreachable URL is the caller's to fix
                 raise StoreError(str(exc), 422) from None
             raise
-        if body.get("activate"):
-            return await self._switch(body["version"], created=True)
-        return Response.json(manifest, 201)
+
+    async def get_blob(self, request: Request) -> FileResponse:
+        """The GGUF of an installed version by its sha256, whole or one byte range."""
+        sha256 = _BLOB_PATH.match(request.path).group(1)  # type: ignore[union-attr]
+        if not SHA256_RE.fullmatch(sha256):
+            raise HTTPError(400, "a blob is named by its sha256: 64 lowercase hex digits")
+        handle = await asyncio.to_thread(self.store.open_blob, sha256)
+        size = os.fstat(handle.fileno()).st_size
+        ranged = request.method == "GET"  # RFC 9110: Range is defined for GET only
+        try:
+            span = byte_range(request.headers.get("range") if ranged else None, size)
+        except HTTPError:
+            handle.close()
+            raise
+        headers = {"Accept-Ranges": "bytes", "ETag": f'"{sha256}"'}
+        first, last = span if span is not None else (0, size - 1)
+        if span is not None:
+            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+
+        def count(sent: int) -> None:
+            self.blob_stats.bytes_served += sent
+
+        return FileResponse(
+            handle, first, last - first + 1, 206 if span else 200, headers=headers, on_sent=count
+        )
 
     async def upload(self, request: Request) -> Response:
         """Install the request body (raw GGUF) as a version, verified by sha256."""

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from pi_agent import __version__
-from pi_agent.config import Config, ConfigError, load, read_token
+from pi_agent.config import Config, ConfigError, load, read_peer_token, read_token
 
 log = logging.getLogger("pi_agent")
 
@@ -102,21 +102,21 @@ def _logging(level: str, debug: bool) -> None:
     )
 
 
-async def _serve(args: argparse.Namespace, cfg: Config, token: str) -> int:
+async def _serve(args: argparse.Namespace, cfg: Config, token: str, peer_token: str) -> int:
     from pi_agent.app import Agent
 
-    agent = Agent(cfg, token)
+    agent = Agent(cfg, token, peer_token)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
     def reload() -> None:
         try:
             new = _config(args)
-            new_token = read_token(new)
+            new_token, new_peer_token = read_token(new), read_peer_token(new)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
-        task = loop.create_task(agent.reload(new, new_token))
+        task = loop.create_task(agent.reload(new, new_token, new_peer_token))
         task.add_done_callback(lambda t: t.exception() and log.error("reload: %s", t.exception()))
 
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = _config(args)
-        token = read_token(cfg) if args.command == "serve" else ""
+        serving = args.command == "serve"
+        token = read_token(cfg) if serving else ""
+        peer_token = read_peer_token(cfg) if serving else ""
     except ConfigError as exc:
         if args.debug:
             raise
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return _bench(args, cfg)
     try:
-        return asyncio.run(_serve(args, cfg, token))
+        return asyncio.run(_serve(args, cfg, token, peer_token))
     except KeyboardInterrupt:  # pragma: no cover
         return 130
 

@@ -14,7 +14,7 @@ from typing import Any
 DEFAULTS = Path(__file__).with_name("defaults.toml")
 SYSTEM_CONFIG = Path("/etc/pi-agent/agent.toml")
 
-COLLECTORS = ("thermal", "throttling", "memory", "zram", "cpu", "llama_server", "bench")
+COLLECTORS = ("thermal", "throttling", "memory", "zram", "cpu", "llama_server", "bench", "blobs")
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -105,6 +105,9 @@ def _check(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: bench.tolerance must be in [0, 1)")
     if cfg["store"]["free_space_margin_mib"] < 0:
         raise ConfigError(f"{source}: store.free_space_margin_mib must not be negative")
+    incoming = cfg["store"]["incoming_dir"]
+    if incoming and not Path(incoming).is_absolute():
+        raise ConfigError(f"{source}: store.incoming_dir must be an absolute path")
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -122,13 +125,23 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def read_token(cfg: Config) -> str:
-    """The bearer token from ``agent.token_file``; a missing or empty one is a config error."""
-    path = Path(cfg["agent"]["token_file"])
+def _read_secret(cfg: Config, key: str) -> str:
+    path = Path(cfg["agent"][key])
     try:
         token = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"agent.token_file {path}: {exc.strerror or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"agent.{key} {path}: {getattr(exc, 'strerror', None) or exc}") from None
     if len(token) < 16:
-        raise ConfigError(f"agent.token_file {path}: the token must be at least 16 characters")
+        raise ConfigError(f"agent.{key} {path}: the token must be at least 16 characters")
     return token
+
+
+def read_token(cfg: Config) -> str:
+    """The bearer token from ``agent.token_file``; a missing or short one is a config error."""
+    return _read_secret(cfg, "token_file")
+
+
+def read_peer_token(cfg: Config) -> str:
+    """The fleet's peer token from ``agent.peer_token_file`` ("" when unset); a missing or short
+    one is a config error."""
+    return _read_secret(cfg, "peer_token_file") if cfg["agent"]["peer_token_file"] else ""

@@ -2,9 +2,9 @@
 
 A framework would cost the Pi memory it needs for the model (FastAPI + uvicorn measured 47 MB RSS
 against this module's few hundred kB), and the agent needs little: keep-alive, ``Content-Length``
-request bodies (JSON or a streamed upload), plain and chunked responses for SSE streaming, and a
-client that proxies to llama-server on 127.0.0.1. Every failure answers a JSON error, never a
-traceback.
+request bodies (JSON or a streamed upload), plain and chunked responses for SSE streaming, files
+sent with ``sendfile`` (one byte range at most), and a client that proxies to llama-server on
+127.0.0.1. Every failure answers a JSON error, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ MAX_HEADERS = 100
 KEEPALIVE_S = 75.0
 HEADER_TIMEOUT_S = 30.0
 BODY_TIMEOUT_S = 60.0
+SENDFILE_SLICE = 1 << 20  # a file goes out in slices of this size...
+SENDFILE_STALL_S = 60.0  # ...each within this time, else the client is dropped
 
 
 class HTTPError(Exception):
@@ -69,6 +72,55 @@ class StreamResponse:
     status: int = 200
     content_type: str = "text/event-stream"
     headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class FileResponse:
+    """``length`` bytes of an open file from ``offset``, sent by ``sendfile`` (never read into
+    memory); the server closes ``file`` and calls ``on_sent`` with the bytes that went out."""
+
+    file: BinaryIO
+    offset: int
+    length: int
+    status: int = 200
+    content_type: str = "application/octet-stream"
+    headers: dict[str, str] = field(default_factory=dict)
+    on_sent: Callable[[int], None] | None = None
+
+
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The ``(first, last)`` bytes a ``Range`` header asks of ``size`` bytes, inclusive.
+
+    ``None`` means the whole file: no header, a header that does not parse (RFC 9110 says to
+    ignore it), several ranges (answered whole: one range is all peers ask for) or an empty file.
+    An unsatisfiable range raises the 416 with ``Content-Range: bytes */size``.
+    """
+    match = _RANGE.fullmatch(header.strip()) if header else None
+    if match is None or size == 0:
+        return None
+
+    def number(digits: str) -> int:
+        return int(digits) if len(digits) <= 18 else 1 << 62  # beyond any file, without int()'s cap
+
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:  # bytes=-n: the last n bytes
+        suffix = number(last)
+        if suffix == 0:
+            raise HTTPError(416, "empty suffix range", {"Content-Range": f"bytes */{size}"})
+        return max(size - suffix, 0), size - 1
+    start = number(first)
+    if last and number(last) < start:
+        return None  # invalid, so ignored
+    if start >= size:
+        raise HTTPError(
+            416, f"range starts beyond the {size} bytes", {"Content-Range": f"bytes */{size}"}
+        )
+    return start, min(number(last), size - 1) if last else size - 1
 
 
 class Request:
@@ -135,7 +187,8 @@ class Request:
             yield chunk
 
 
-Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
+AnyResponse = Response | StreamResponse | FileResponse
+Handler = Callable[[Request], Awaitable[AnyResponse]]
 
 
 def _head(status: int, headers: dict[str, str]) -> bytes:
@@ -187,6 +240,8 @@ class Server:
                 first = False
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, asyncio.CancelledError):
             pass  # the client went away, or the server is closing
+        except OSError as exc:  # a file being sent failed mid-way: only closing is left
+            log.warning("connection from %s dropped: %s", peer_text, exc)
         finally:
             self._connections.discard(task)
             writer.close()
@@ -268,7 +323,7 @@ class Server:
     async def _send(
         self,
         writer: asyncio.StreamWriter,
-        response: Response | StreamResponse,
+        response: AnyResponse,
         keep_alive: bool,
         request: Request | None,
     ) -> None:
@@ -286,6 +341,10 @@ class Server:
                 writer.write(response.body)
             await writer.drain()
             return
+        if isinstance(response, FileResponse):
+            headers["Content-Length"] = str(response.length)
+            await self._send_file(writer, response, _head(response.status, headers), head_only)
+            return
         headers["Transfer-Encoding"] = "chunked"
         headers.setdefault("Cache-Control", "no-cache")
         writer.write(_head(response.status, headers))
@@ -301,6 +360,34 @@ class Server:
                 await aclose()
         writer.write(b"0\r\n\r\n")
         await writer.drain()
+
+    async def _send_file(
+        self, writer: asyncio.StreamWriter, response: FileResponse, head: bytes, head_only: bool
+    ) -> None:
+        file, start = response.file, response.offset
+        try:
+            file.seek(start)  # sendfile moves the position as it goes, even when it fails
+            writer.write(head)
+            await writer.drain()
+            end = start + (0 if head_only else response.length)
+            loop = asyncio.get_running_loop()
+            while (offset := file.tell()) < end:
+                count = min(SENDFILE_SLICE, end - offset)
+                try:
+                    sent = await asyncio.wait_for(
+                        loop.sendfile(writer.transport, file, offset, count), SENDFILE_STALL_S
+                    )
+                except RuntimeError:  # sendfile's answer to a transport the client closed
+                    if not writer.transport.is_closing():
+                        raise
+                    raise ConnectionResetError("the client went away") from None
+                if sent < count:  # the file shrank under us: the announced length cannot be met
+                    raise OSError(f"file ended {end - offset - sent} bytes early")
+        finally:
+            sent_total = max(file.tell() - start, 0)
+            file.close()
+            if response.on_sent is not None:
+                response.on_sent(sent_total)
 
 
 class ClientResponse:

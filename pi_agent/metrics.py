@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,6 +327,32 @@ class BenchCollector:
         gate.add(int(last["gate"]["passed"]))
         when.add(last["finished_at"])
         return [tps, pred, gate, when]
+
+
+@dataclass
+class BlobStats:
+    """What ``/v1/blobs`` served since the agent started (the agent counts, the collector reads)."""
+
+    bytes_served: int = 0
+    requests: Counter[int] = field(default_factory=Counter)
+
+
+class BlobCollector:
+    """Model files served to peers: bytes sent and requests by status."""
+
+    name = "blobs"
+
+    def __init__(self, stats: BlobStats) -> None:
+        self.stats = stats
+
+    async def collect(self) -> list[Family]:
+        served = counter(
+            "pi_agent_blob_bytes_served_total", "Bytes of model files sent from /v1/blobs."
+        ).add(self.stats.bytes_served)
+        requests = counter("pi_agent_blob_requests_total", "Requests to /v1/blobs by HTTP status.")
+        for status, count in sorted(self.stats.requests.items()):
+            requests.add(count, status=str(status))
+        return [served, requests]
 
 
 class Registry:

@@ -96,14 +96,19 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "InstallRequest": {
         "type": "object",
-        "required": ["version", "url", "sha256"],
+        "description": "Install from `url` (the agent downloads it) or from `path` (a file a "
+        "downloader left directly in the incoming folder, store.incoming_dir, moved into the "
+        "store by rename): exactly one of the two.",
+        "required": ["version", "sha256"],
         "properties": {
             "version": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
             "url": {"type": "string", "pattern": "^https?://", "maxLength": 2048},
+            "path": {"type": "string", "pattern": "^/", "maxLength": 4096},
             "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
             "name": {"type": "string", "maxLength": 128},
             "activate": {"type": "boolean"},
         },
+        "oneOf": [{"required": ["url"]}, {"required": ["path"]}],
         "additionalProperties": False,
     },
     "BenchRequest": {
@@ -166,6 +171,35 @@ VERSION_PARAM = {
     "name": "version", "in": "path", "required": True,
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
 }  # fmt: skip
+SHA256_PARAM = {
+    "name": "sha256", "in": "path", "required": True,
+    "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+}  # fmt: skip
+RANGE_PARAM = {
+    "name": "Range", "in": "header", "required": False,
+    "description": "One range: bytes=a-b, bytes=a- or bytes=-n. Several ranges are answered with "
+    "the whole file (200); a range that does not parse is ignored.",
+    "schema": {"type": "string", "maxLength": 200},
+}  # fmt: skip
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_BLOB_HEADERS = {
+    name: {"schema": {"type": "string"}} for name in ("Accept-Ranges", "Content-Length", "ETag")
+}
+
+
+def _blob_answers(ranges: bool) -> dict[str, Any]:
+    range_header = {"Content-Range": {"schema": {"type": "string"}}}
+    out = _answers(200, 400, 404, *((416,) if ranges else ()), *_AUTH)
+    out["200"] = {"description": "The whole file", "headers": _BLOB_HEADERS, "content": _BINARY}
+    if ranges:
+        out["206"] = {
+            "description": "The requested range",
+            "headers": {**_BLOB_HEADERS, **range_header},
+            "content": _BINARY,
+        }
+        out["416"]["description"] = "Unsatisfiable range (Content-Range: bytes */size)"
+        out["416"]["headers"] = range_header
+    return out
 
 
 def _json_body(schema: str) -> dict[str, Any]:
@@ -252,9 +286,23 @@ def document() -> dict[str, Any]:
                 "responses": _answers(200, *_AUTH, ok="ModelList"),
             },
             "post": {
-                "summary": "Install a version from a URL, verified by sha256",
+                "summary": "Install a version from a URL or an incoming file, verified by sha256",
                 "requestBody": _json_body("InstallRequest"),
                 "responses": _answers(201, 400, 409, 413, 415, 422, 507, *_AUTH),
+            },
+        },
+        "/v1/blobs/{sha256}": {
+            "parameters": [SHA256_PARAM],
+            "get": {
+                "summary": "The GGUF of an installed version with this sha256 (byte ranges served)",
+                "description": "Takes the agent's token or the fleet's peer token "
+                "(agent.peer_token_file), which works on this path only.",
+                "parameters": [RANGE_PARAM],
+                "responses": _blob_answers(ranges=True),
+            },
+            "head": {
+                "summary": "Size and ETag of the blob, without the body",
+                "responses": _blob_answers(ranges=False),
             },
         },
         "/v1/models/rollback": {
@@ -410,7 +458,7 @@ def validate(value: Any, schema: dict[str, Any], where: str = "body") -> None:
             raise ValidationError(f"{where}: at most {schema['maxItems']} items")
         for i, item in enumerate(value):
             validate(item, schema.get("items", {}), f"{where}[{i}]")
-    elif kind == "object":
+    elif kind == "object" or (kind is None and isinstance(value, dict)):
         properties = schema.get("properties", {})
         for name in schema.get("required", []):
             if name not in value:
@@ -420,3 +468,19 @@ def validate(value: Any, schema: dict[str, Any], where: str = "body") -> None:
                 validate(item, properties[name], f"{where}.{name}")
             elif schema.get("additionalProperties", True) is False:
                 raise ValidationError(f"{where}: unknown field {name!r}")
+    if "oneOf" in schema:
+        options = schema["oneOf"]
+        matched = 0
+        for option in options:
+            try:
+                validate(value, option, where)
+            except ValidationError:
+                continue
+            matched += 1
+        if matched != 1:
+            fields = [name for option in options for name in option.get("required", [])]
+            raise ValidationError(
+                f"{where}: needs exactly one of {', '.join(fields)}"
+                if fields
+                else f"{where}: must match exactly one allowed form"
+            )

@@ -7,6 +7,9 @@ Layout under ``<state_dir>/models``::
     current  -> versions/<version>     what llama-server serves
     previous -> versions/<version>     what a rollback returns to
 
+and, on the same file system (``<state_dir>/incoming`` unless configured), the incoming folder
+where a downloader run as root drops files that ``install_path`` then moves in by rename.
+
 A version directory appears by one rename of a fully written and verified directory, and the
 links change by one rename each (``fsutil.atomic_symlink``), so a kill -9 or a power cut at any
 moment leaves ``current`` on the old model or the new one, each intact. ``recover()`` sweeps the
@@ -16,15 +19,17 @@ leftovers of an interrupted install or switch at start-up.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pi_agent.fsutil import atomic_symlink, atomic_write, fsync_dir, sha256_file
 
@@ -46,17 +51,35 @@ class StoreError(Exception):
 class ModelStore:
     """Model versions under ``root`` (``<state_dir>/models``)."""
 
-    def __init__(self, root: Path, keep: int = 3, margin_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        keep: int = 3,
+        margin_bytes: int = 0,
+        incoming_dir: Path | None = None,
+    ) -> None:
         self.root = Path(root)
         self.versions = self.root / "versions"
         self.current = self.root / "current"
         self.previous = self.root / "previous"
         self.keep = keep
         self.margin_bytes = margin_bytes
+        self.incoming_dir = Path(incoming_dir) if incoming_dir is not None else None
+
+    def make_incoming_dir(self) -> None:
+        """Create the incoming folder (0770: the agent's group may drop files too) if missing."""
+        if self.incoming_dir is None:
+            return
+        try:
+            self.incoming_dir.mkdir(parents=True)
+        except FileExistsError:
+            return  # whoever made it chose its owner and mode
+        self.incoming_dir.chmod(0o770)  # mkdir's mode goes through the umask
 
     def recover(self) -> None:
         """Create the layout and drop what an interrupted install or switch left behind."""
         self.versions.mkdir(parents=True, exist_ok=True)
+        self.make_incoming_dir()
         for leftover in self.root.glob(".*.tmp-*"):
             leftover.unlink(missing_ok=True)
         for leftover in self.versions.glob(".incoming-*"):
@@ -107,6 +130,23 @@ class ModelStore:
                 item["previous"] = path.name == previous
                 out.append(item)
         return sorted(out, key=lambda m: (m.get("installed_at", 0), m["version"]))
+
+    def open_blob(self, sha256: str) -> BinaryIO:
+        """The weights of an installed version with this sha256, opened (404 when none).
+
+        The open file stays whole even if the version is removed while it is being read.
+        """
+        for manifest in self.list():
+            if manifest["sha256"] != sha256:
+                continue
+            try:
+                handle = (self.versions / manifest["version"] / MODEL_FILE).open("rb")
+            except OSError:
+                continue  # removed since it was listed
+            if os.fstat(handle.fileno()).st_size == manifest["size"]:
+                return handle
+            handle.close()
+        raise StoreError(f"no installed model has sha256 {sha256}", 404)
 
     def verify(self, version: str) -> dict[str, Any]:
         """The manifest, after checking the weights' size and sha256 against it."""
@@ -202,6 +242,54 @@ class ModelStore:
         return self.install(
             version, read(), expected, name or path.stem, path.stat().st_size, source=str(path)
         )
+
+    def _open_incoming(self, path: str | Path) -> BinaryIO:
+        """Open a file that lies directly in the incoming folder, refusing anything else."""
+        text = str(path)
+        if self.incoming_dir is None:
+            raise StoreError("this store has no incoming folder", 409)
+        if "\0" in text or not Path(text).is_absolute():
+            raise StoreError(f"path {text!r} must be an absolute path", 400)
+        path = Path(text)
+        if path.name in ("", ".", "..") or os.path.realpath(path.parent) != os.path.realpath(
+            self.incoming_dir
+        ):
+            raise StoreError(f"path {text!r} is not directly inside {self.incoming_dir}", 400)
+        try:
+            before = path.lstat()
+        except OSError as exc:
+            raise StoreError(f"path {text!r}: {exc.strerror}", 400) from None
+        if stat.S_ISLNK(before.st_mode):
+            raise StoreError(f"path {text!r} is a symlink, not a regular file", 400)
+        if not stat.S_ISREG(before.st_mode):
+            raise StoreError(f"path {text!r} is not a regular file", 400)
+        if before.st_nlink != 1:  # another name could still change the weights once installed
+            raise StoreError(f"path {text!r} has other hard links", 400)
+        try:
+            handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb")
+        except OSError as exc:
+            raise StoreError(f"path {text!r}: {exc.strerror}", 400) from None
+        if not os.path.samestat(before, os.fstat(handle.fileno())):
+            handle.close()
+            raise StoreError(f"path {text!r} was replaced while it was checked", 409)
+        return handle
+
+    def install_path(
+        self, version: str, path: str | Path, sha256: str, name: str = ""
+    ) -> dict[str, Any]:
+        """Move a file from the incoming folder into the store by rename, verified by sha256.
+
+        A refused path is left as it is; a file whose sha256 does not match is removed.
+        """
+        handle = self._open_incoming(path)
+        try:
+            self._check_space(0)  # the file already lies on this file system
+            incoming = self.begin(version, sha256, name, source=str(path))
+        except BaseException:
+            handle.close()
+            raise
+        incoming.adopt(Path(path), handle)
+        return incoming.commit()
 
     def install_url(
         self, version: str, url: str, sha256: str, name: str = "", timeout: float = 600.0
@@ -310,6 +398,32 @@ class Incoming:
                 before == 0 or before // (64 * MIB) != self.size // (64 * MIB)
             ):
                 self.store._check_space(0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def adopt(self, path: Path, handle: BinaryIO) -> None:
+        """Take the file at ``path`` (open as ``handle``) as the weights by one rename, and hash
+        it; on any failure the version is dropped."""
+        try:
+            self.handle.close()
+            self.handle = handle  # commit flushes it: the downloader may not have
+            target = self.dir / MODEL_FILE
+            try:
+                path.rename(target)
+            except OSError as exc:
+                if exc.errno == errno.EXDEV:
+                    raise StoreError(
+                        f"{path} is on another file system than the store; "
+                        "store.incoming_dir must be on the store's",
+                        409,
+                    ) from None
+                raise StoreError(f"cannot move {path}: {exc.strerror}", 409) from None
+            if not os.path.samestat(target.lstat(), os.fstat(handle.fileno())):
+                raise StoreError(f"{path} was replaced while it was being installed", 409)
+            while block := handle.read(MIB):
+                self.digest.update(block)
+                self.size += len(block)
         except BaseException:
             self.abort()
             raise

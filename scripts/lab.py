@@ -45,7 +45,8 @@ SUITE = "bookworm"
 MIRROR = os.environ.get("PIDISTILL_LAB_MIRROR", "http://deb.debian.org/debian")
 # minbase + what a booted, SSH-reachable Pi needs, + what the roles would otherwise install
 # over the network on every run (python3-apt for the apt module, libgomp1 for llama.cpp,
-# python3-venv for the pi_agent role, aria2 for model_sync's peers source).
+# python3-venv for the pi_agent role, aria2 for model_sync's peers source, libopenblas0 for an
+# OpenBLAS build of llama.cpp).
 PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -61,6 +62,7 @@ PACKAGES = (
     "kmod",
     "libgomp1",
     "aria2",
+    "libopenblas0",
 )
 # Run inside the chroot after debootstrap: Raspberry Pi OS's user, per-container host keys,
 # pam_limits made optional, and no units that fight a container (consoles, apt's timers that
@@ -337,6 +339,22 @@ def shape(names: list[str], link_rate: str, uplink_rate: str) -> None:
         tc_cap("eth0", link_rate, netns_pid=pid)  # from the Pi: its uplink
 
 
+def bench_model_lines() -> list[str]:
+    """The llama_cpp role's benchmark model: the embedded teacher GGUF, when the venv has it."""
+    try:
+        from distill.models import ModelError, embedded_teacher_gguf
+    except ImportError:  # not the project's venv: the lab works without a benchmark model
+        return []
+    try:
+        model = embedded_teacher_gguf()
+    except ModelError:
+        return []
+    return [
+        "    # The workstation's llama.cpp builds (native, OpenBLAS) race on it before seeding.",
+        f"    llama_cpp_bench_model: {json.dumps(str(model))}",
+    ]
+
+
 def write_inventory(names: list[str], key: Path, link_rate: str, uplink_rate: str) -> Path:
     """``inventory/lab.yml`` (generated, git-ignored): the stand-ins as a fleet of Pis."""
     hosts = {
@@ -381,6 +399,7 @@ def write_inventory(names: list[str], key: Path, link_rate: str, uplink_rate: st
         "    bench_n_prompt: 16",
         "    bench_n_gen: 8",
         "    bench_repetitions: 1",
+        *bench_model_lines(),
         "    # The lab's link caps (tc tbf; 0: none), for reports.",
         f"    lab_link_rate: {json.dumps(link_rate)}",
         f"    lab_uplink_rate: {json.dumps(uplink_rate)}",

@@ -1,5 +1,7 @@
 """Property-based fuzzing of the agent's OpenAPI schema with schemathesis: valid and invalid
 requests (at least 1,000 in all) against an agent serving the tiny GGUF; no answer may be a 5xx.
+Then random ``Range`` headers against the tiny GGUF's blob: every answer is the file, exactly the
+range it names, or a 416.
 
 ``POST /v1/bench`` is left out: a valid request may ask for minutes of llama-bench (it is tested
 with small parameters in test_pi_agent_serving.py).
@@ -7,6 +9,8 @@ with small parameters in test_pi_agent_serving.py).
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections import Counter
 from collections.abc import Iterator
 
@@ -93,3 +97,55 @@ def test_schema_fuzzing_finds_no_server_error(agent: AgentProcess) -> None:
     assert not failures, "\n".join(sorted(set(failures))[:10])
     assert total >= 1000
     assert agent.request("GET", "/readyz")[0] == 200  # still serving afterwards
+
+
+def rfc9110_span(first: str, last: str, size: int) -> tuple[int, int] | int:
+    """What RFC 9110 makes of ``bytes=first-last`` on ``size`` bytes: a span, 200 or 416."""
+    if not first and not last:
+        return 200  # not a range: ignored
+    if not first:
+        n = int(last)
+        return 416 if n == 0 else (max(size - n, 0), size - 1)
+    if last and int(last) < int(first):
+        return 200  # invalid: ignored
+    if int(first) >= size:
+        return 416
+    return int(first), min(int(last), size - 1) if last else size - 1
+
+
+def test_random_ranges_get_the_file_or_exactly_the_range(
+    agent: AgentProcess, pi_agent_tiny_gguf
+) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    data = pi_agent_tiny_gguf.read_bytes()
+    size = len(data)
+    path = f"/v1/blobs/{hashlib.sha256(data).hexdigest()}"
+    near = st.integers(0, size + 10).map(str) | st.sampled_from(["", "0", "9" * 30])
+    single = st.builds(lambda a, b: (f"bytes={a}-{b}", rfc9110_span(a, b, size)), near, near)
+    several = st.builds(lambda a, b: (f"bytes={a}-{b},0-1", 200), near, near)
+    garbage = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30).filter(
+        lambda text: not re.fullmatch(r"(?i)bytes=\d*-\d*", text)
+    )
+
+    @settings(
+        max_examples=200, deadline=None, database=None, derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )  # fmt: skip
+    @given(case=single | several | garbage.map(lambda text: (text, 200)))
+    def check(case: tuple[str, tuple[int, int] | int]) -> None:
+        header, expected = case
+        status, answer, body = agent.request("GET", path, headers={"Range": header})
+        if expected == 200:
+            assert (status, body) == (200, data), header
+        elif expected == 416:
+            assert status == 416 and answer["content-range"] == f"bytes */{size}", header
+        else:
+            first, last = expected  # type: ignore[misc]
+            assert status == 206, (header, status)
+            assert answer["content-range"] == f"bytes {first}-{last}/{size}", header
+            assert body == data[first : last + 1]
+
+    check()
+    assert agent.request("GET", "/readyz")[0] == 200

@@ -6,7 +6,8 @@
   boards build exactly what the workstation builds; flags that only suit x86-64 compilers (the
   AMX switches) are listed apart and added on x86-64 boards only;
 - the workstation's board class (architecture + CPU model, the slug the role computes on the
-  boards) and its own llama.cpp build, which can seed a class of the same architecture and CPU.
+  boards) and its own llama.cpp builds (``seed_bin``: the native one; ``seed_bins``: every variant
+  built), which can seed a class of the same architecture and CPU.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> int:
             "x86_64_flags": [f for f in flags if f.startswith(x86_only)],
         }
     tools = llamacpp.find_tools("native")
+    built = {v: llamacpp.find_tools(v) for v in llamacpp.VARIANTS}
     arch = platform.machine()
     json.dump(
         {
@@ -55,6 +57,7 @@ def main() -> int:
             "arch": arch,
             "class": board_class(arch, cpu_model()),
             "seed_bin": str(tools.bin) if tools else "",
+            "seed_bins": {v: str(t.bin) for v, t in built.items() if t is not None},
         },
         sys.stdout,
     )

@@ -91,3 +91,28 @@ def version_of(export: Path) -> str:
     manifest = json.loads((export / "manifest.json").read_text())
     entry = manifest["files"][0]
     return f"{manifest['name']}-{entry['quant']}-{entry['sha256'][:12]}"
+
+
+def lab_module():
+    """scripts/lab.py as a module (its link helpers: host_veth, tc_cap)."""
+    sys.path.insert(0, str(LAB.parent))
+    import lab
+
+    return lab
+
+
+def stand_in_link(host: str) -> tuple[str, int]:
+    """The workstation's end of stand-in ``host``'s link (``pi-2`` -> ``veth1``), and its PID."""
+    return lab_module().host_veth(f"pidistill-{host}")
+
+
+def cap_uplink(host: str, rate: str) -> None:
+    """Cap what stand-in ``host`` sends (its uplink) at ``rate`` (tc; ``0``: no cap)."""
+    _, pid = stand_in_link(host)
+    lab_module().tc_cap("eth0", rate, netns_pid=pid)
+
+
+def link_counter(host: str, counter: str = "rx_bytes") -> int:
+    """A counter of the workstation's end of ``host``'s link (rx_bytes: what the host sent)."""
+    veth, _ = stand_in_link(host)
+    return int(Path(f"/sys/class/net/{veth}/statistics/{counter}").read_text())

@@ -10,15 +10,28 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from fleet_helpers import LAB, ROOT, fleet_env, recap, run, version_of
+from fleet_helpers import (
+    LAB,
+    ROOT,
+    cap_uplink,
+    fleet_env,
+    link_counter,
+    make_export,
+    recap,
+    run,
+    stand_in_link,
+    version_of,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -167,8 +180,105 @@ def test_a_host_stopped_mid_run_fails_alone_and_is_named_in_the_recap(
     finally:
         if proc.poll() is None:
             proc.kill()
-        # Bring pi-3 back (its published ports may change: the inventory is written again).
+        # Bring pi-3 back (its address may change: the inventory is written again).
         run([sys.executable, str(LAB), "up", "--hosts", str(len(HOSTS))], timeout=600)
+
+
+def delivery(inventory: Path, export: Path, *extra: str) -> list[str]:
+    """deploy.yml's delivery phase only: the model into the stores, no switch."""
+    return [PLAYBOOK, "playbooks/deploy.yml", "-i", str(inventory), "--tags", "model_sync_install",
+            "-e", f"fleet_model_dir={export}", *extra]  # fmt: skip
+
+
+def background(cmd: list[str]) -> subprocess.Popen:
+    """A playbook run in the background, its output (stderr included) on a pipe."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=fleet_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def holds(inventory: Path, host: str, export: Path) -> bool:
+    return version_of(export) in [
+        m["version"] for m in agent_get(inventory, host, "/v1/models")["data"]
+    ]
+
+
+def test_boards_pull_from_peers_and_a_source_cut_mid_transfer_is_replaced(
+    lab: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    size = 24_000_000
+    export = make_export(tmp_path_factory.mktemp("peers") / "dist",
+                         b"GGUF\x03\x00\x00\x00" + os.urandom(size), name="peers")  # fmt: skip
+    # The canary gets it from the workstation; pi-2 pulls it from the canary.
+    served = link_counter("pi-1")
+    done = run(delivery(lab, export, "--limit", "pi-1,pi-2"))
+    assert "Download the GGUF with aria2, peers" in done.stdout, done.stdout[-3000:]
+    assert holds(lab, "pi-1", export) and holds(lab, "pi-2", export)
+    assert link_counter("pi-1") - served > size  # pi-1 sent it (to pi-2)
+
+    # pi-3 pulls from both; pi-1's link goes down after its first MB.
+    for host in ("pi-1", "pi-2"):
+        cap_uplink(host, "16mbit")
+    veth, _ = stand_in_link("pi-1")
+    before = link_counter("pi-1")
+    proc = background(delivery(lab, export, "--limit", "pi-3"))
+    try:
+        deadline = time.monotonic() + 300
+        while link_counter("pi-1") - before < 1_000_000:
+            assert proc.poll() is None and time.monotonic() < deadline, "pi-1 never sent"
+            time.sleep(0.05)
+        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["ip", "link", "set", veth, "up"], check=False)
+        run([sys.executable, str(LAB), "up", "--hosts", str(len(HOSTS))], timeout=600)  # caps back
+    assert proc.returncode == 0, output[-4000:]
+    assert "Download the GGUF with aria2, peers 2" in output
+    assert link_counter("pi-1") - before < size  # cut off before it sent it all: pi-2 did the rest
+    assert holds(lab, "pi-3", export)
+
+
+def test_boards_killed_mid_rollout_are_named_and_a_rerun_completes_them(
+    lab: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    weights = b"GGUF\x03\x00\x00\x00" + os.urandom(24_000_000)
+    export = make_export(tmp_path_factory.mktemp("rollout") / "dist", weights, name="rollout")
+    cap_uplink("pi-1", "16mbit")  # the wave after the canary takes a few seconds
+    sent = link_counter("pi-1")
+    proc = background(delivery(lab, export))
+    lines: list[str] = []
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    killed = False
+    try:
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            # The canary serves the wave (pi-2, pi-3): once it sent 2 MB, pi-3 dies mid-download.
+            if not killed and link_counter("pi-1") - sent > 2_000_000:
+                subprocess.run(["podman", "--runtime", "runc", "kill", "pidistill-pi-3"],
+                               check=True, capture_output=True)  # fmt: skip
+                killed = True
+            time.sleep(0.05)
+        proc.wait(timeout=60)
+        reader.join(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines)
+    assert killed, output[-3000:]
+    counts = recap(output)
+    assert proc.returncode != 0
+    assert counts["pi-3"]["unreachable"] + counts["pi-3"]["failed"] >= 1, counts  # named
+    assert all(counts[h]["failed"] == 0 and counts[h]["unreachable"] == 0 for h in ("pi-1", "pi-2"))
+    assert holds(lab, "pi-2", export)  # the rest finished
+
+    run([sys.executable, str(LAB), "up", "--hosts", str(len(HOSTS))], timeout=600)  # pi-3 back
+    again = recap(run(delivery(lab, export), timeout=900).stdout)
+    assert {h: c["failed"] + c["unreachable"] for h, c in again.items()} == dict.fromkeys(HOSTS, 0)
+    assert again["pi-1"]["changed"] == again["pi-2"]["changed"] == 0  # nothing moved there
+    assert holds(lab, "pi-3", export)
 
 
 def test_lab_down_removes_all_it_made(lab) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pi_agent import cli
-from pi_agent.config import ConfigError, load, read_token
+from pi_agent.config import ConfigError, load, read_peer_token, read_token
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -78,3 +78,35 @@ def test_check_config_prints_the_merged_config(tmp_path: Path, capsys) -> None:
     assert cli.main(["check-config", "--config", str(path), "--set", "decoder.threads=1"]) == 0
     out = capsys.readouterr().out
     assert '"tolerance": 0.1' in out and '"threads": 1' in out
+
+
+def test_no_peer_token_by_default(tmp_path: Path) -> None:
+    assert read_peer_token(load(write(tmp_path, ""))) == ""
+
+
+def test_the_peer_token_is_read_like_the_token(tmp_path: Path) -> None:
+    (tmp_path / "peer").write_text("p" * 40 + "\n")
+    cfg = load(write(tmp_path, f"[agent]\npeer_token_file = '{tmp_path / 'peer'}'\n"))
+    assert read_peer_token(cfg) == "p" * 40
+    (tmp_path / "peer").write_text("short\n")
+    with pytest.raises(ConfigError, match=r"agent\.peer_token_file .* at least 16"):
+        read_peer_token(cfg)
+
+
+def test_cli_exits_2_with_one_line_when_the_peer_token_file_is_missing(
+    tmp_path: Path, capsys
+) -> None:
+    (tmp_path / "token").write_text("t" * 32)
+    path = write(
+        tmp_path,
+        f"[agent]\ntoken_file = '{tmp_path / 'token'}'\n"
+        f"peer_token_file = '{tmp_path / 'missing'}'\n",
+    )
+    assert cli.main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "agent.peer_token_file" in err and "No such file" in err
+
+
+def test_a_relative_incoming_dir_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"store\.incoming_dir must be an absolute path"):
+        load(write(tmp_path, "[store]\nincoming_dir = 'incoming'\n"))

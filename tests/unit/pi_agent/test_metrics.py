@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,9 @@ def registry(board: str, collectors: list[str] | None = None) -> metrics.Registr
         "cpu": metrics.CpuCollector(host),
         "llama_server": metrics.LlamaServerCollector(dict),
         "bench": metrics.BenchCollector(FIXTURES / board / "state"),
+        "blobs": metrics.BlobCollector(
+            metrics.BlobStats(bytes_served=3 << 20, requests=Counter({206: 3, 200: 1, 404: 2}))
+        ),
     }
     names = collectors or list(made)
     return metrics.Registry([made[n] for n in names], host, clock=fake_clock())

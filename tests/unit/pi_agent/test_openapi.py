@@ -64,3 +64,37 @@ def test_document_references_only_known_schemas() -> None:
     text = json.dumps(document())
     for ref in {part.split('"')[0] for part in text.split("#/components/schemas/")[1:]}:
         assert ref in SCHEMAS
+
+
+INSTALL = SCHEMAS["InstallRequest"]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [{"url": "https://x/m.gguf"}, {"path": "/var/lib/pi-agent/incoming/m.gguf"}],
+    ids=["from a url", "from the incoming folder"],
+)
+def test_an_install_takes_a_url_or_a_path(source: dict) -> None:
+    validate({"version": "v1", "sha256": "a" * 64, **source}, INSTALL)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "exactly one of url, path"),
+        ({"url": "https://x/m.gguf", "path": "/m.gguf"}, "exactly one of url, path"),
+        ({"path": "m.gguf"}, "body.path: does not match"),
+        ({"path": "/m.gguf", "extra": 1}, "unknown field 'extra'"),
+    ],
+    ids=["neither", "both", "a relative path", "an unknown field"],
+)
+def test_an_install_needs_exactly_one_source(body: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        validate({"version": "v1", "sha256": "a" * 64, **body}, INSTALL)
+
+
+def test_blobs_are_published_with_ranges() -> None:
+    blob = document()["paths"]["/v1/blobs/{sha256}"]
+    assert set(blob) == {"parameters", "get", "head"}
+    assert {"200", "206", "416"} <= set(blob["get"]["responses"])
+    assert blob["get"]["parameters"][0]["name"] == "Range"

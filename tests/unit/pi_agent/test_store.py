@@ -4,6 +4,7 @@ switch killed with SIGKILL at random points that always leaves an intact model a
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import signal
 import subprocess
@@ -153,3 +154,108 @@ def test_switch_killed_at_random_points_always_leaves_an_intact_model(tmp_path: 
         assert fresh.active_model().stat().st_size == manifest["size"]
         seen.add("old" if active == "old" else "new")
     assert seen  # at least one kill observed a state (both usually are)
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> ModelStore:
+    """A store with an incoming folder, as the agent makes it."""
+    s = ModelStore(tmp_path / "models", keep=2, incoming_dir=tmp_path / "incoming")
+    s.recover()
+    return s
+
+
+def drop(store: ModelStore, name: str, data: bytes) -> Path:
+    assert store.incoming_dir is not None
+    path = store.incoming_dir / name
+    path.write_bytes(data)
+    return path
+
+
+def test_recover_makes_the_incoming_folder_group_writable(fed: ModelStore) -> None:
+    assert fed.incoming_dir is not None
+    assert fed.incoming_dir.is_dir() and fed.incoming_dir.stat().st_mode & 0o777 == 0o770
+
+
+def test_install_path_moves_the_file_in_by_rename(fed: ModelStore) -> None:
+    data = blob("peer", 3 * 1024 * 1024 + 5)
+    path = drop(fed, "model.gguf", data)
+    inode = path.stat().st_ino
+    manifest = fed.install_path("p1", path, hashlib.sha256(data).hexdigest(), name="demo")
+    assert not path.exists()
+    model = fed.versions / "p1" / "model.gguf"
+    assert model.stat().st_ino == inode  # the same file: renamed, not copied
+    assert model.read_bytes() == data
+    assert manifest["size"] == len(data) and manifest["name"] == "demo"
+    assert fed.verify("p1")["sha256"] == hashlib.sha256(data).hexdigest()
+    assert [m["version"] for m in fed.list()] == ["p1"]
+
+
+def test_install_path_with_a_wrong_sha256_removes_the_file(fed: ModelStore) -> None:
+    path = drop(fed, "model.gguf", blob("peer"))
+    with pytest.raises(StoreError, match="sha256 mismatch") as err:
+        fed.install_path("p1", path, "0" * 64)
+    assert err.value.status == 422
+    assert not path.exists()
+    assert fed.list() == [] and list(fed.versions.iterdir()) == []
+
+
+def test_install_path_refuses_what_is_not_a_plain_file_of_the_incoming_folder(
+    fed: ModelStore, tmp_path: Path
+) -> None:
+    assert fed.incoming_dir is not None
+    data = blob("peer")
+    sha = hashlib.sha256(data).hexdigest()
+    outside = tmp_path / "outside.gguf"
+    outside.write_bytes(data)
+    (fed.incoming_dir / "sub").mkdir()
+    nested = drop(fed, "sub/model.gguf", data)
+    link = fed.incoming_dir / "link.gguf"
+    link.symlink_to(outside)
+    hard = fed.incoming_dir / "hard.gguf"
+    hard.hardlink_to(outside)
+    fifo = fed.incoming_dir / "fifo.gguf"
+    os.mkfifo(fifo)
+    cases = {
+        outside: "not directly inside",
+        fed.incoming_dir / ".." / "outside.gguf": "not directly inside",
+        nested: "not directly inside",
+        Path("model.gguf"): "absolute",
+        link: "symlink",
+        hard: "hard links",
+        fifo: "not a regular file",
+        fed.incoming_dir / "sub": "not a regular file",
+        fed.incoming_dir / "missing.gguf": "No such file",
+    }
+    for path, message in cases.items():
+        with pytest.raises(StoreError, match=message) as err:
+            fed.install_path("p1", path, sha)
+        assert err.value.status == 400, path
+    assert outside.read_bytes() == data and nested.read_bytes() == data and link.is_symlink()
+    assert fed.list() == []
+
+
+def test_install_path_keeps_the_file_when_the_install_is_refused(fed: ModelStore) -> None:
+    data = blob("peer")
+    sha = hashlib.sha256(data).hexdigest()
+    install(fed, "p1", blob("other"))
+    path = drop(fed, "model.gguf", data)
+    for version, status in (("p1", 409), ("../x", 400)):
+        with pytest.raises(StoreError) as err:
+            fed.install_path(version, path, sha)
+        assert err.value.status == status
+    fed.margin_bytes = fed.free_bytes() + (1 << 30)
+    with pytest.raises(StoreError) as err:
+        fed.install_path("p2", path, sha)
+    assert err.value.status == 507
+    assert path.read_bytes() == data  # still there for another try
+    assert [m["version"] for m in fed.list()] == ["p1"]
+
+
+def test_open_blob_finds_the_weights_by_sha256(fed: ModelStore) -> None:
+    data = blob("one")
+    install(fed, "v1", data)
+    with fed.open_blob(hashlib.sha256(data).hexdigest()) as handle:
+        assert handle.read() == data
+    with pytest.raises(StoreError) as err:
+        fed.open_blob("0" * 64)
+    assert err.value.status == 404
