@@ -256,9 +256,12 @@ def bench_decode(threads: int) -> list[Row]:
                         f"request of {PROMPT} in + {GEN} out: "
                         f"{request_seconds(speeds):.2f} s"))  # fmt: skip
     kept, fastest = result["kept"], result["fastest_tg"]
-    why = (f"answers a {PROMPT}+{GEN}-token request soonest"
-           + ("" if kept == fastest else f"; {fastest} decodes a little faster but its prompt "
-              "processing costs more than it saves"))  # fmt: skip
+    speeds = result["speeds"]
+    why = f"answers a {PROMPT}+{GEN}-token request soonest"
+    if kept != fastest:
+        tg_fast, tg_kept = speeds[fastest]["tg"], speeds[kept]["tg"]
+        why += (f"; {fastest} generates {tg_fast:.2f} tok/s against {tg_kept:.2f}, but its "
+                "prompt processing costs more than that saves")  # fmt: skip
     rows.append(Row("decode", "build kept", 1.0, kept, why))
     return rows
 
