@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="push,peers", help="delivery modes (push,peers)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--no-site", action="store_true", help="skip the no-change site.yml runs")
+    parser.add_argument("--no-provision", action="store_true",
+                        help="the lab is provisioned already (re-run the measures)")  # fmt: skip
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # ansible resolves relative paths from playbooks/
     sizes = sorted({int(n) for n in args.sizes.split(",") if n.strip()})
     modes = [m for m in args.modes.split(",") if m]
     if not sizes or sizes[0] < 2 or any(m not in MODES for m in modes):
@@ -207,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     if lab.up(sizes[-1]):
         return 1
     hosts = list(agents())
-    log(f"provisioning {len(hosts)} stand-ins (once)")
-    provision_s, _ = playbook("provision.yml", hosts)
-    log(f"provisioned in {provision_s:.0f} s")
+    provision_s = 0.0
+    if not args.no_provision:
+        log(f"provisioning {len(hosts)} stand-ins (once)")
+        provision_s, _ = playbook("provision.yml", hosts)
+        log(f"provisioned in {provision_s:.0f} s")
 
     rows: list[dict[str, object]] = []
     for n in sizes:
@@ -255,7 +260,7 @@ def report(out: Path, rows: list[dict[str, object]], size: int, provision_s: flo
     lines = [
         f"Lab: {lab_hosts} stand-ins on one 2-core workstation, links {lab.LINK_RATE} each way, "
         f"uplink {lab.UPLINK_RATE}; model {size / 1e6:.0f} MB; first provision.yml "
-        f"{provision_s:.0f} s.",
+        + (f"{provision_s:.0f} s." if provision_s else "not in this run."),
         "",
         "| measure | mode | N | seconds | MB from workstation | MB received | re-run s | "
         "re-run MB | re-run changed |",

@@ -410,11 +410,23 @@ def write_inventory(names: list[str], key: Path, link_rate: str, uplink_rate: st
     return INVENTORY
 
 
+def raise_inotify_limits(count: int) -> None:
+    """Every stand-in's systemd holds inotify instances of the workstation's user root: the
+    default of 128 runs out near 25 stand-ins (systemd then hangs in "initializing"). Raise the
+    limits to what ``count`` needs; never lower them."""
+    wanted = {"max_user_instances": 128 + 64 * count, "max_user_watches": 65536 * (count + 2)}
+    for name, value in wanted.items():
+        path = Path("/proc/sys/fs/inotify") / name
+        if int(path.read_text()) < value:
+            path.write_text(f"{value}\n")
+
+
 def up(count: int, link_rate: str = LINK_RATE, uplink_rate: str = UPLINK_RATE) -> int:
     """Make ``count`` stand-ins (existing ones are kept; extra ones removed), links capped."""
     if count < 1:
         raise LabError("--hosts must be at least 1")
     ensure_image()
+    raise_inotify_limits(count)
     key = ssh_key()
     if not network_exists():
         podman("network", "create", "--label", LABEL, NETWORK)
