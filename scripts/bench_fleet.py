@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -41,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import lab  # noqa: E402  (scripts/ is not a package)
+
+from distill.records import atomic_write_text  # noqa: E402
 
 CACHE = Path(os.environ.get("PIDISTILL_CACHE_DIR", ROOT / ".cache"))
 INVENTORY = ROOT / "inventory" / "lab.yml"
@@ -180,15 +183,6 @@ def chart(path: Path, title: str, ylabel: str, series: dict[str, dict[int, float
     tmp.replace(path)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_fleet", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=os.environ.get("SIZES", "4,8,16,32"),
@@ -244,15 +238,12 @@ def report(out: Path, rows: list[dict[str, object]], size: int, provision_s: flo
            lab_hosts: int) -> int:  # fmt: skip
     fields = ["measure", "mode", "hosts", "seconds", "uplink_mb", "received_mb", "rerun_seconds",
               "rerun_received_mb", "rerun_changed"]  # fmt: skip
-    tmp = out / "fleet.csv.tmp"
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()}
-            )
-    tmp.replace(out / "fleet.csv")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(out / "fleet.csv", table.getvalue())
 
     def fmt(value: object, digits: int = 1) -> str:
         return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
@@ -282,7 +273,7 @@ def report(out: Path, rows: list[dict[str, object]], size: int, provision_s: flo
         goal = (f"Goal (peers): 32 hosts in at most {GOAL_RATIO}x the time of 4: "
                 f"{peers[32]:.1f} s / {peers[4]:.1f} s = {ratio:.2f}x, {verdict}.")  # fmt: skip
         lines += ["", goal]
-    write_atomic(out / "fleet.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "fleet.md", "\n".join(lines) + "\n")
     series = {
         mode: {int(r["hosts"]): float(r["seconds"]) for r in rows  # type: ignore[arg-type]
                if r["measure"] == "delivery" and r["mode"] == mode}
