@@ -159,6 +159,18 @@ def _process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
+def _with_descendants(roots: set[int], table: dict[int, tuple[int, str]]) -> set[int]:
+    """``roots`` that are still alive, and every process below them in ``table``."""
+    found = {pid for pid in roots if pid in table}
+    frontier = list(found)
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, (ppid, _) in table.items() if ppid == parent]
+        found.update(children)
+        frontier += children
+    return found
+
+
 def run_processes(marker: str) -> list[int]:
     """The processes whose command line holds ``marker``, and all their descendants.
 
@@ -167,14 +179,43 @@ def run_processes(marker: str) -> list[int]:
     finds them while their parent links still lead back to ansible-playbook.
     """
     table = _process_table()
-    found = [pid for pid, (_, cmdline) in table.items() if marker in cmdline]
-    frontier = list(found)
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, (ppid, _) in table.items() if ppid == parent]
-        found += children
-        frontier += children
-    return [pid for pid in found if pid != os.getpid()]
+    found = {pid for pid, (_, cmdline) in table.items() if marker in cmdline}
+    return sorted(_with_descendants(found, table) - {os.getpid()})
+
+
+def freeze_trees(roots: list[int]) -> set[int]:
+    """SIGSTOP ``roots`` and everything below them; returns the pids it stopped.
+
+    A process may fork between the moment the tree is listed and the stop, so the tree is
+    listed again until nothing new appears: a stopped process starts nothing more.
+    """
+    seen: set[int] = set()
+    while True:
+        new = _with_descendants(set(roots) | seen, _process_table()) - seen - {os.getpid()}
+        if not new:
+            return seen
+        for pid in new:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGSTOP)
+        seen |= new
+
+
+def kill_trees(roots: list[int] | set[int], settle: float = 5.0) -> set[int]:
+    """SIGKILL ``roots`` and everything below them (frozen first, so nothing escapes).
+
+    Waits up to ``settle`` seconds for them to be gone; returns the pids it killed.
+    """
+    doomed = freeze_trees(list(roots))
+    for pid in doomed:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + settle
+    while time.monotonic() < deadline:
+        table = _process_table()  # a zombie has an empty command line: it is gone for us
+        if not any(table.get(pid, (0, ""))[1] for pid in doomed):
+            break
+        time.sleep(0.05)
+    return doomed
 
 
 class PlaybookRun:
@@ -202,15 +243,15 @@ class PlaybookRun:
         self._thread.start()
 
     def cancel(self) -> None:
-        """Stop the run: ansible-runner's cancel_callback, then the workers it cannot reach."""
+        """Stop the run: freeze ansible-playbook, its workers and their modules at once (the
+        runner only looks at its cancel_callback every few seconds, and a worker would start
+        its module meanwhile), let ansible-runner kill its process group, then kill the rest."""
         # The inventory source of the run's own is on ansible-playbook's command line.
-        self._orphans = run_processes(str(self.run_dir / "inventory"))
+        self._orphans = sorted(freeze_trees(run_processes(str(self.run_dir / "inventory"))))
         self._cancel.set()
 
     def _reap(self) -> None:
-        for pid in self._orphans:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGTERM)
+        kill_trees(self._orphans)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Join the runner thread; True when it has ended."""
@@ -248,13 +289,14 @@ class PlaybookRun:
                 cancel_callback=self._cancel.is_set,
                 quiet=True,
             )
-            if result.status == "canceled":
-                self._reap()
-            self._post(RunFinished(result.status, result.rc))
+            finished = RunFinished(result.status, result.rc)
         except Exception as err:  # any failure to start must reach the user, not kill the thread
-            self._post(RunFinished("error", None, f"{type(err).__name__}: {err}"))
+            finished = RunFinished("error", None, f"{type(err).__name__}: {err}")
         finally:
+            if self._cancel.is_set():  # frozen processes must not stay behind, whatever the end
+                self._reap()
             self._events.close()
+        self._post(finished)
 
 
 def read_events(path: Path) -> Iterator[dict[str, Any]]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,10 +14,12 @@ from tui.runner import (
     RunRequest,
     find_playbooks,
     find_runs,
+    kill_trees,
     new_run_dir,
     parse_extra_vars,
     read_events,
     replay,
+    run_processes,
     status_of,
 )
 
@@ -97,3 +102,30 @@ def test_a_torn_stream_names_its_line_and_posts_nothing(tmp_path: Path, fixtures
     with pytest.raises(ValueError, match=r"events\.jsonl:4"):
         replay(torn, posted.append)
     assert posted == []
+
+
+# A parent that keeps starting children in their own sessions, as ansible's workers do: a tree
+# listed once and then killed would leave the children started in between.
+FORKER = """
+import os, subprocess, sys, time
+while True:
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)  # {marker}"],
+                     start_new_session=True)
+    time.sleep(0.01)
+"""
+
+
+def test_kill_trees_leaves_nothing_behind_even_while_the_tree_grows(tmp_path: Path) -> None:
+    marker = f"pidistill-test-{tmp_path.name}"
+    parent = subprocess.Popen([sys.executable, "-c", FORKER.format(marker=marker), marker])
+    try:
+        deadline = time.monotonic() + 30
+        while len(run_processes(marker)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(run_processes(marker)) >= 5, "the forker never started its children"
+        killed = kill_trees([parent.pid])
+        assert parent.pid in killed
+        assert not run_processes(marker)
+    finally:
+        parent.kill()
+        parent.wait()
