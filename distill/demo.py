@@ -45,6 +45,7 @@ class Settings:
     demo_method: str = "lora"
     demo_epochs: float = 3.0
     demo_quants: str = "Q8_0 Q4_K_M"
+    demo_token_embedding_type: str = ""
     demo_fleet_size: int = 3
 
     @classmethod
@@ -135,6 +136,7 @@ def main() -> int:
         output_dir=dist,
         name="student",
         quant=settings.demo_quants.split(),
+        token_embedding_type=settings.demo_token_embedding_type or None,
         overwrite=True,
     )
     report.append(f"export: {_short(export)} -> {dist}")

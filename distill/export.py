@@ -47,6 +47,10 @@ QUANT_TYPES: tuple[str, ...] = (
 # Types llama-quantize refuses without an importance matrix.
 NEEDS_IMATRIX: tuple[str, ...] = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
 OUTTYPES = ("f16", "bf16", "f32")
+# ggml types llama-quantize takes for one tensor (--token-embedding-type, --output-tensor-type).
+TENSOR_TYPES = (
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0",
+)  # fmt: skip
 TOKENIZER_ASSETS = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -93,6 +97,14 @@ class ExportArgs:
         None, help="JSONL rows whose held-out prompts and answers feed llama-imatrix"
     )
     imatrix_ctx: int = arg(256, help="context size of the llama-imatrix chunks")
+    token_embedding_type: str | None = arg(
+        None,
+        help="keep the token embeddings in this type in every quantized file (e.g. f16: a small "
+        "model's Q8_0 then follows the HF model more closely, at the cost of size)",
+    )
+    output_tensor_type: str | None = arg(
+        None, help="likewise for the output tensor (models with tied embeddings have none)"
+    )
     threads: int | None = arg(None, help="threads for llama-quantize and llama-imatrix")
     tmp_dir: Path | None = arg(None, help="parent of the temporary directory (default: output)")
     preserve_tmp_dir: bool = arg(False, help="keep the intermediates (f16 GGUF, imatrix, text)")
@@ -115,12 +127,29 @@ class ExportArgs:
             raise ValueError(f"quant {', '.join(needing)}: needs --imatrix-data")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise ValueError(f"name: letters, digits, '.', '_' and '-' only, got {self.name!r}")
+        for name in ("token_embedding_type", "output_tensor_type"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.lower())
+                if value.lower() not in TENSOR_TYPES:
+                    raise ValueError(
+                        f"{name}: unknown type {value!r} (known: {', '.join(TENSOR_TYPES)})"
+                    )
         if self.imatrix_ctx < 16:
             raise ValueError(f"imatrix_ctx: at least 16, got {self.imatrix_ctx}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads: must be at least 1, got {self.threads}")
         if self.imatrix_data:
             self.imatrix_data = [Path(p) for p in self.imatrix_data]
+
+
+def _tensor_type_flags(args: ExportArgs) -> list[str]:
+    flags = []
+    if args.token_embedding_type:
+        flags += ["--token-embedding-type", args.token_embedding_type]
+    if args.output_tensor_type:
+        flags += ["--output-tensor-type", args.output_tensor_type]
+    return flags
 
 
 def model_kind(model_dir: Path) -> str:
@@ -258,7 +287,7 @@ def run(args: ExportArgs) -> dict[str, Any]:
             if quant == args.outtype.upper():
                 shutil.copy2(converted, staged)
             else:
-                cmd = [str(quantizer)]
+                cmd = [str(quantizer), *_tensor_type_flags(args)]
                 if imatrix:
                     cmd += ["--imatrix", str(tmp / "imatrix.gguf")]
                 cmd += [str(converted), str(staged), quant, _threads(args)]
@@ -284,6 +313,10 @@ def run(args: ExportArgs) -> dict[str, Any]:
             "tokenizer_dir": assets_dir.name,
             "tokenizer_assets": assets,
             "imatrix": imatrix,
+            "tensor_types": {
+                "token_embedding": args.token_embedding_type,
+                "output": args.output_tensor_type,
+            },
             "llama_cpp": tools.version(),
             "converter": "convert_hf_to_gguf.py (vendored gguf-py)",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -72,6 +72,41 @@ def test_export_writes_ggufs_that_llama_cpp_loads_and_generates_from(
         export.run(ExportArgs(model=str(tiny_model), output_dir=out, name="tiny", quant=["Q8_0"]))
 
 
+def tensor_types(tools, gguf: Path) -> dict[str, str]:
+    """tensor name -> ggml type name, read with the pinned tree's own gguf-py."""
+    import sys
+
+    sys.path.insert(0, str(tools.gguf_py))
+    try:
+        from gguf import GGUFReader
+
+        return {t.name: t.tensor_type.name for t in GGUFReader(gguf).tensors}
+    finally:
+        sys.path.remove(str(tools.gguf_py))
+
+
+def test_the_token_embeddings_can_stay_unquantized(
+    tiny_model: Path, llama_tools, tmp_path: Path
+) -> None:
+    plain, kept = tmp_path / "plain", tmp_path / "kept"
+    export.run(ExportArgs(model=str(tiny_model), output_dir=plain, name="t", quant=["Q8_0"]))
+    export.run(
+        ExportArgs(
+            model=str(tiny_model),
+            output_dir=kept,
+            name="t",
+            quant=["Q8_0"],
+            token_embedding_type="F16",
+        )
+    )
+    assert tensor_types(llama_tools, plain / "t-Q8_0.gguf")["token_embd.weight"] == "Q8_0"
+    types = tensor_types(llama_tools, kept / "t-Q8_0.gguf")
+    assert types["token_embd.weight"] == "F16"
+    assert types["blk.0.attn_q.weight"] == "Q8_0"
+    manifest = json.loads((kept / "manifest.json").read_text())
+    assert manifest["tensor_types"] == {"token_embedding": "f16", "output": None}
+
+
 def test_failing_conversion_names_the_command_and_keeps_intermediates(
     tiny_model: Path, llama_tools, tmp_path: Path
 ) -> None:

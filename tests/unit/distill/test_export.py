@@ -19,13 +19,20 @@ from distill.export import ExportArgs, copy_tokenizer_assets, gguf_name, model_k
         ({"quant": ["IQ2_XXS"]}, "needs --imatrix-data"),
         ({"name": "../evil"}, "name"),
         ({"threads": 0}, "threads"),
+        ({"token_embedding_type": "q9"}, "token_embedding_type: unknown type 'q9'"),
+        ({"output_tensor_type": "Q8_0 "}, "output_tensor_type"),
     ],
     ids=["unknown quant", "no quant", "same quant twice", "iq2 without imatrix", "path in name",
-         "zero threads"],
+         "zero threads", "unknown embedding type", "padded output type"],
 )  # fmt: skip
 def test_bad_arguments_fail_at_parse_time(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ExportArgs(model="m", output_dir=Path("d"), **overrides)
+
+
+def test_tensor_types_are_case_insensitive() -> None:
+    args = ExportArgs(model="m", output_dir=Path("d"), token_embedding_type="F16")
+    assert args.token_embedding_type == "f16" and args.output_tensor_type is None
 
 
 def test_quant_names_are_case_insensitive() -> None:
