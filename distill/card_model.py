@@ -26,6 +26,7 @@ HYPERPARAMETERS = (
     "max_length",
     "seed",
     "init_from_teacher_every",
+    "init_layers",
 )
 
 

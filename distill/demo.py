@@ -42,6 +42,8 @@ class Settings:
     demo_batch_size: int = 16
     demo_max_new_tokens: int = 128
     demo_student_every: int = 2
+    demo_student_layers: str = "ends"
+    demo_learning_rate: float = 3e-3
     demo_method: str = "lora"
     demo_epochs: float = 3.0
     demo_quants: str = "Q8_0 Q4_K_M"
@@ -123,6 +125,8 @@ def main() -> int:
         data=labelled,
         output=train_dir,
         init_from_teacher_every=settings.demo_student_every,
+        init_layers=settings.demo_student_layers,
+        learning_rate=settings.demo_learning_rate,
         method=settings.demo_method,
         epochs=settings.demo_epochs,
         resume=(train_dir / "checkpoints").is_dir() and not (train_dir / "model").is_dir(),

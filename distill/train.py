@@ -42,6 +42,7 @@ from distill.records import PROMPT_STYLES, Record
 log = logging.getLogger(__name__)
 
 METHODS = ("lora", "dora", "qlora")
+LAYER_PATTERNS = ("even", "ends")
 AUTO_ON_OFF = ("auto", "on", "off")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 IGNORE_INDEX = -100
@@ -58,6 +59,7 @@ RESUME_KEYS = (
     "data",
     "base_model",
     "init_from_teacher_every",
+    "init_layers",
     "method",
     "lora_rank",
     "lora_alpha",
@@ -85,7 +87,13 @@ class TrainArgs:
     revision: str | None = arg(None, help="hub revision of --base-model")
     hf_token: str | None = arg(None, help="hub token (or $HF_TOKEN)", secret=True, env="HF_TOKEN")
     init_from_teacher_every: int = arg(
-        1, help="keep every k-th decoder layer of the base (evenly spaced, first and last kept)"
+        1, help="keep one decoder layer of the base in k (how they are picked: --init-layers)"
+    )
+    init_layers: str = arg(
+        "even",
+        help="which layers a --init-from-teacher-every student keeps: even (evenly spaced, first "
+        "and last kept; DistilBERT) or ends (the first half and the last half, the middle dropped)",
+        choices=LAYER_PATTERNS,
     )
     method: str = arg("lora", help="adapter method", choices=METHODS)
     lora_rank: int = arg(16, help="adapter rank r")
@@ -161,6 +169,10 @@ class TrainArgs:
             raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.learning_rate <= 0 or self.epochs <= 0 or self.lora_alpha <= 0:
             raise ValueError("learning_rate, epochs and lora_alpha must be positive")
+        if self.init_layers not in LAYER_PATTERNS:
+            raise ValueError(
+                f"init_layers: one of {', '.join(LAYER_PATTERNS)}, got {self.init_layers!r}"
+            )
         if self.method not in METHODS:
             raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not self.target_modules:
@@ -401,23 +413,27 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def keep_layer_indices(total: int, every: int) -> list[int]:
-    """Evenly spaced decoder layers, one in ``every``, always keeping the first and the last."""
+def keep_layer_indices(total: int, every: int, pattern: str = "even") -> list[int]:
+    """One decoder layer in ``every``: evenly spaced, always keeping the first and the last
+    (``even``), or the first and the last layers with the middle dropped (``ends``)."""
     count = max(1, math.ceil(total / every))
     if count >= total:
         return list(range(total))
+    if pattern == "ends":
+        first = math.ceil(count / 2)
+        return list(range(first)) + list(range(total - (count - first), total))
     if count == 1:
         return [total - 1]
     return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
 
 
-def drop_layers(model: Any, every: int) -> list[int]:
-    """Keep every ``every``-th decoder layer of a causal LM in place (DistilBERT-style init)."""
+def drop_layers(model: Any, every: int, pattern: str = "even") -> list[int]:
+    """Keep one decoder layer in ``every`` of a causal LM, in place (see keep_layer_indices)."""
     import torch
 
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     layers = decoder.layers
-    keep = keep_layer_indices(len(layers), every)
+    keep = keep_layer_indices(len(layers), every, pattern)
     decoder.layers = torch.nn.ModuleList([layers[i] for i in keep])
     for new_index, layer in enumerate(decoder.layers):
         for module in layer.modules():
@@ -450,7 +466,10 @@ def prepare_base(args: TrainArgs, run_dir: Path) -> tuple[Path, dict[str, Any]]:
     marker = target / "pidistill_init.json"
     if marker.is_file():
         recorded = json.loads(marker.read_text())
-        if recorded.get("every") == args.init_from_teacher_every:
+        if (
+            recorded.get("every") == args.init_from_teacher_every
+            and recorded.get("pattern", "even") == args.init_layers
+        ):
             info.update(recorded)
             info["path"] = str(target)
             return target, info
@@ -459,14 +478,19 @@ def prepare_base(args: TrainArgs, run_dir: Path) -> tuple[Path, dict[str, Any]]:
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     before = model.config.num_hidden_layers
-    keep = drop_layers(model, args.init_from_teacher_every)
+    keep = drop_layers(model, args.init_from_teacher_every, args.init_layers)
     log.info("student init: kept %d of %d decoder layers: %s", len(keep), before, keep)
     if target.exists():
         shutil.rmtree(target)
     model.save_pretrained(target, safe_serialization=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.save_pretrained(target)
-    recorded = {"every": args.init_from_teacher_every, "layers_kept": keep, "layers_of": before}
+    recorded = {
+        "every": args.init_from_teacher_every,
+        "pattern": args.init_layers,
+        "layers_kept": keep,
+        "layers_of": before,
+    }
     (target / "pidistill_init.json").write_text(json.dumps(recorded) + "\n")
     del model
     torch.manual_seed(args.seed)

@@ -217,6 +217,17 @@ def test_layer_keeping_is_even_and_keeps_the_ends(total: int, every: int, kept: 
         assert keep[0] == 0
 
 
+def test_the_ends_pattern_drops_the_middle() -> None:
+    assert keep_layer_indices(30, 2, "ends") == [*range(8), *range(23, 30)]
+    assert keep_layer_indices(4, 2, "ends") == [0, 3]
+    assert keep_layer_indices(5, 1, "ends") == list(range(5))
+
+
+def test_an_unknown_layer_pattern_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="init_layers: one of even, ends, got 'middle'"):
+        TrainArgs(data=[tmp_path / "d.jsonl"], output=tmp_path / "o", init_layers="middle")
+
+
 # ----------------------------------------------------------------------------- training
 
 
