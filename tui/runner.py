@@ -251,7 +251,9 @@ class PlaybookRun:
         self._cancel.set()
 
     def _reap(self) -> None:
-        kill_trees(self._orphans)
+        # A cancel that came before ansible-playbook started froze nothing; its workers, forks
+        # that keep its command line, are still found by the marker once orphaned.
+        kill_trees([*self._orphans, *run_processes(str(self.run_dir / "inventory"))])
 
     def wait(self, timeout: float | None = None) -> bool:
         """Join the runner thread; True when it has ended."""
