@@ -124,7 +124,7 @@ def bench_labelling(
 
     from distill.label import OpenAITeacher, TransformersTeacher
     from distill.llamacpp import serve
-    from distill.models import embedded_teacher_gguf
+    from distill.models import cpu_has_native_bf16, embedded_teacher_gguf
 
     records = _prompts(rows)
     detail = f"SmolLM2-135M-Instruct, {max_new_tokens} new tokens, greedy, {os.cpu_count()} cores"
@@ -145,27 +145,33 @@ def bench_labelling(
             "",
         )
     )
+    # --dtype auto is bf16 on a CPU that computes it natively; fp32 is measured beside it.
+    dtypes = ["float32", "auto"] if cpu_has_native_bf16() else ["auto"]
     with tempfile.TemporaryDirectory() as tmp:
-        log.info("labelling: batched transformers over %d rows", rows)
-        tokens, seconds = _label_run(
-            records,
-            Path(tmp),
-            TransformersTeacher,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-        )
-        rate = tokens / seconds
-        out.append(
-            Row(
-                "labelling",
-                f"distill label, transformers, batch {batch_size}",
-                round(rate, 1),
-                "tok/s",
-                f"{detail}, fp32, {rows} rows, {rate / loop:.1f}x the loop",
-                ">= 8x the loop",
-                "yes" if rate >= 8 * loop else "no",
+        for dtype in dtypes:
+            log.info("labelling: batched transformers (%s) over %d rows", dtype, rows)
+            tokens, seconds = _label_run(
+                records,
+                Path(tmp),
+                TransformersTeacher,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                dtype=dtype,
             )
-        )
+            rate = tokens / seconds
+            shown = "fp32" if dtype == "float32" or not cpu_has_native_bf16() else "bf16"
+            default = " (the default)" if dtype == "auto" else ""
+            out.append(
+                Row(
+                    "labelling",
+                    f"distill label, transformers, batch {batch_size}, {shown}{default}",
+                    round(rate, 1),
+                    "tok/s",
+                    f"{detail}, {shown}, {rows} rows, {rate / loop:.1f}x the loop",
+                    ">= 8x the loop",
+                    "yes" if rate >= 8 * loop else "no",
+                )
+            )
         log.info("labelling: llama-server with %d slots over %d rows", parallel, rows)
         threads = os.cpu_count() or 2
         with serve(

@@ -98,7 +98,8 @@ class LabelArgs:
     device_map: str = arg("auto", help="transformers device map: auto, cpu, cuda, cuda:0...")
     dtype: str = arg(
         "auto",
-        help="weights dtype: auto (bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU)",
+        help="weights dtype: auto (bf16 on a GPU that has it, else fp16 on a GPU; on the CPU bf16 "
+        "where it is native (AVX512-BF16, AMX, Arm BF16), else fp32)",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     json_retries: int = arg(2, help="new attempts for an answer that is not valid JSON")
@@ -192,7 +193,9 @@ def _torch_dtype(name: str, on_gpu: bool) -> Any:
 
     if name == "auto":
         if not on_gpu:
-            return torch.float32
+            from distill.models import cpu_has_native_bf16
+
+            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return getattr(torch, name)
 

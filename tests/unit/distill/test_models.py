@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from distill import models
-from distill.models import ModelError
+from distill.models import ModelError, cpu_has_native_bf16
 
 
 @pytest.fixture
@@ -100,3 +100,24 @@ def test_the_embedded_teacher_converts_once_and_generates(tmp_path, monkeypatch)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+CPUINFO = {
+    "x86 with AVX512-BF16": ("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n", True),
+    "x86 with AMX": ("flags\t\t: fpu avx2 amx_bf16 amx_tile\n", True),
+    "x86 with AVX2 only": ("flags\t\t: fpu sse2 avx2 fma\n", False),
+    "Pi 5 (Cortex-A76)": ("Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32\n", False),
+    "Arm with BF16": ("Features\t: fp asimd bf16 i8mm sve\n", True),
+    "no flags at all": ("processor\t: 0\n", False),
+}
+
+
+@pytest.mark.parametrize(("text", "native"), CPUINFO.values(), ids=CPUINFO.keys())
+def test_native_bf16_is_read_from_cpuinfo(tmp_path: Path, text: str, native: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\n" + text)
+    assert cpu_has_native_bf16(cpuinfo) is native
+
+
+def test_an_unreadable_cpuinfo_means_no_bf16(tmp_path: Path) -> None:
+    assert cpu_has_native_bf16(tmp_path / "missing") is False
