@@ -146,7 +146,8 @@ def bench_labelling(
         )
     )
     # --dtype auto is bf16 on a CPU that computes it natively; fp32 is measured beside it.
-    dtypes = ["float32", "auto"] if cpu_has_native_bf16() else ["auto"]
+    native_bf16 = cpu_has_native_bf16()
+    dtypes = ["float32", "auto"] if native_bf16 else ["auto"]
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
             log.info("labelling: batched transformers (%s) over %d rows", dtype, rows)
@@ -159,7 +160,7 @@ def bench_labelling(
                 dtype=dtype,
             )
             rate = tokens / seconds
-            shown = "fp32" if dtype == "float32" or not cpu_has_native_bf16() else "bf16"
+            shown = "bf16" if dtype == "auto" and native_bf16 else "fp32"
             default = " (the default)" if dtype == "auto" else ""
             out.append(
                 Row(

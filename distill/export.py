@@ -129,12 +129,13 @@ class ExportArgs:
             raise ValueError(f"name: letters, digits, '.', '_' and '-' only, got {self.name!r}")
         for name in ("token_embedding_type", "output_tensor_type"):
             value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.lower())
-                if value.lower() not in TENSOR_TYPES:
-                    raise ValueError(
-                        f"{name}: unknown type {value!r} (known: {', '.join(TENSOR_TYPES)})"
-                    )
+            if value is None:
+                continue
+            if value.lower() not in TENSOR_TYPES:
+                raise ValueError(
+                    f"{name}: unknown type {value!r} (known: {', '.join(TENSOR_TYPES)})"
+                )
+            setattr(self, name, value.lower())
         if self.imatrix_ctx < 16:
             raise ValueError(f"imatrix_ctx: at least 16, got {self.imatrix_ctx}")
         if self.threads is not None and self.threads < 1:

@@ -230,6 +230,9 @@ class PlaybookRun:
         self._thread: threading.Thread | None = None
         self._events: Any = None
         self._orphans: list[int] = []
+        # The run's own inventory source is on ansible-playbook's command line (and its
+        # workers', which are forks of it): it finds the run's processes.
+        self._marker = str(run_dir / "inventory")
 
     @property
     def running(self) -> bool:
@@ -246,14 +249,13 @@ class PlaybookRun:
         """Stop the run: freeze ansible-playbook, its workers and their modules at once (the
         runner only looks at its cancel_callback every few seconds, and a worker would start
         its module meanwhile), let ansible-runner kill its process group, then kill the rest."""
-        # The inventory source of the run's own is on ansible-playbook's command line.
-        self._orphans = sorted(freeze_trees(run_processes(str(self.run_dir / "inventory"))))
+        self._orphans = sorted(freeze_trees(run_processes(self._marker)))
         self._cancel.set()
 
     def _reap(self) -> None:
-        # A cancel that came before ansible-playbook started froze nothing; its workers, forks
-        # that keep its command line, are still found by the marker once orphaned.
-        kill_trees([*self._orphans, *run_processes(str(self.run_dir / "inventory"))])
+        # A cancel that came before ansible-playbook started froze nothing; its workers are
+        # still found by the marker once orphaned.
+        kill_trees([*self._orphans, *run_processes(self._marker)])
 
     def wait(self, timeout: float | None = None) -> bool:
         """Join the runner thread; True when it has ended."""
