@@ -45,8 +45,8 @@ SUITE = "bookworm"
 MIRROR = os.environ.get("PIDISTILL_LAB_MIRROR", "http://deb.debian.org/debian")
 # minbase + what a booted, SSH-reachable Pi needs, + what the roles would otherwise install
 # over the network on every run (python3-apt for the apt module, libgomp1 for llama.cpp,
-# python3-venv for the pi_agent role, aria2 for model_sync's peers source, libopenblas0 for an
-# OpenBLAS build of llama.cpp).
+# python3-venv for the pi_agent role, aria2 and opentracker for model_sync's peers and torrent
+# sources, libopenblas0 for an OpenBLAS build of llama.cpp).
 PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -62,6 +62,7 @@ PACKAGES = (
     "kmod",
     "libgomp1",
     "aria2",
+    "opentracker",
     "libopenblas0",
 )
 # Run inside the chroot after debootstrap: Raspberry Pi OS's user, per-container host keys,
