@@ -56,8 +56,10 @@ WAVES = [2, 4, 8, 16, 32, 64, 128, 256]
 MODES = {
     "push": {"model_sync_sources": [{"type": "push"}], "fleet_batch": ["100%"]},
     "peers": {"model_sync_sources": [{"type": "peers"}, {"type": "push"}], "fleet_batch": WAVES},
-    "torrent": {"model_sync_sources": [{"type": "torrent"}, {"type": "push"}],
-                "fleet_batch": ["100%"]},
+    "torrent": {
+        "model_sync_sources": [{"type": "torrent"}, {"type": "push"}],
+        "fleet_batch": ["100%"],
+    },
 }
 GOAL_MODE = "torrent"
 
