@@ -205,6 +205,29 @@ def holds(inventory: Path, host: str, export: Path) -> bool:
 PEERS = ["-e", json.dumps({"model_sync_sources": [{"type": "peers"}, {"type": "push"}]})]
 
 
+def cut_pi1_mid_transfer(cmd: list[str]) -> tuple[int, str]:
+    """Run ``cmd`` with pi-1's and pi-2's uplinks capped at 16 Mbit/s and take pi-1's link down
+    once it sent 1 MB; then the link and the lab's caps come back. Returns (exit status, output)."""
+    for host in ("pi-1", "pi-2"):
+        cap_uplink(host, "16mbit")
+    veth, _ = stand_in_link("pi-1")
+    before = link_counter("pi-1")
+    proc = background(cmd)
+    try:
+        deadline = time.monotonic() + 300
+        while link_counter("pi-1") - before < 1_000_000:
+            assert proc.poll() is None and time.monotonic() < deadline, "pi-1 never sent"
+            time.sleep(0.05)
+        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["ip", "link", "set", veth, "up"], check=False)
+        run([sys.executable, str(LAB), "up", "--hosts", str(len(HOSTS))], timeout=600)  # caps back
+    return proc.returncode, output
+
+
 def test_boards_pull_from_peers_and_a_source_cut_mid_transfer_is_replaced(
     lab: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -219,24 +242,9 @@ def test_boards_pull_from_peers_and_a_source_cut_mid_transfer_is_replaced(
     assert link_counter("pi-1") - served > size  # pi-1 sent it (to pi-2)
 
     # pi-3 pulls from both; pi-1's link goes down after its first MB.
-    for host in ("pi-1", "pi-2"):
-        cap_uplink(host, "16mbit")
-    veth, _ = stand_in_link("pi-1")
     before = link_counter("pi-1")
-    proc = background(delivery(lab, export, "--limit", "pi-3", *PEERS))
-    try:
-        deadline = time.monotonic() + 300
-        while link_counter("pi-1") - before < 1_000_000:
-            assert proc.poll() is None and time.monotonic() < deadline, "pi-1 never sent"
-            time.sleep(0.05)
-        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
-        output, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        subprocess.run(["ip", "link", "set", veth, "up"], check=False)
-        run([sys.executable, str(LAB), "up", "--hosts", str(len(HOSTS))], timeout=600)  # caps back
-    assert proc.returncode == 0, output[-4000:]
+    returncode, output = cut_pi1_mid_transfer(delivery(lab, export, "--limit", "pi-3", *PEERS))
+    assert returncode == 0, output[-4000:]
     assert "Download the GGUF with aria2, peers 2" in output
     assert link_counter("pi-1") - before < size  # cut off before it sent it all: pi-2 did the rest
     assert holds(lab, "pi-3", export)
@@ -258,24 +266,9 @@ def test_boards_share_the_model_over_bittorrent_and_a_seed_cut_mid_transfer_is_r
     assert (export / ".torrents").is_dir()  # the .torrent, made once on the workstation
 
     # pi-3 downloads from both seeds (pi-1 and pi-2 hold it); pi-1's link goes down after 1 MB.
-    for host in ("pi-1", "pi-2"):
-        cap_uplink(host, "16mbit")
-    veth, _ = stand_in_link("pi-1")
     before = {host: link_counter(host) for host in ("pi-1", "pi-2")}
-    proc = background(delivery(lab, export))
-    try:
-        deadline = time.monotonic() + 300
-        while link_counter("pi-1") - before["pi-1"] < 1_000_000:
-            assert proc.poll() is None and time.monotonic() < deadline, "pi-1 never sent"
-            time.sleep(0.05)
-        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
-        output, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        subprocess.run(["ip", "link", "set", veth, "up"], check=False)
-        run([sys.executable, str(LAB), "up", "--hosts", str(len(HOSTS))], timeout=600)  # caps back
-    assert proc.returncode == 0, output[-4000:]
+    returncode, output = cut_pi1_mid_transfer(delivery(lab, export))
+    assert returncode == 0, output[-4000:]
     assert "Download the GGUF from the swarm, seeds 2" in output
     assert link_counter("pi-1") - before["pi-1"] < size  # cut off before it sent it all
     assert link_counter("pi-2") - before["pi-2"] > size / 2  # pi-2 did the rest
