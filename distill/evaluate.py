@@ -86,50 +86,6 @@ class EvalArgs:
 # ----------------------------------------------------------------------------- HF measures
 
 
-def answer_perplexity(
-    model: Any, examples: Sequence[Any], pad_id: int, batch_size: int = 4
-) -> float | None:
-    """Perplexity of the answer tokens (labels not -100) under ``model``; None without examples."""
-    import torch
-
-    if not examples:
-        return None
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total_nll = 0.0
-    total_tokens = 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start : start + batch_size]
-                width = max(len(e.input_ids) for e in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, example in enumerate(chunk):
-                    n = len(example.input_ids)
-                    ids[row, :n] = torch.tensor(example.input_ids)
-                    labels[row, :n] = torch.tensor(example.labels)
-                    mask[row, :n] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                shifted = logits[:, :-1].float()
-                target = labels[:, 1:].to(device)
-                nll = torch.nn.functional.cross_entropy(
-                    shifted.reshape(-1, shifted.size(-1)),
-                    target.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                )
-                total_nll += float(nll)
-                total_tokens += int((target != -100).sum())
-    finally:
-        model.train(was_training)
-    if total_tokens == 0:
-        return None
-    return round(math.exp(total_nll / total_tokens), 4)
-
-
 def chunked_perplexity(model: Any, ids: Sequence[int], ctx: int, bos_id: int | None) -> float:
     """llama-perplexity's measure in HF: chunks of ``ctx`` tokens (BOS first when the vocabulary
     adds one), scoring only the second half of each chunk."""
@@ -294,7 +250,7 @@ def _load(path: Path, device: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.train import ensure_pad_token
+    from distill.encoding import ensure_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     ensure_pad_token(tokenizer)
@@ -311,7 +267,7 @@ def _base_dir(run_dir: Path, record: dict[str, Any]) -> Path | None:
 
 
 def _heldout(args: EvalArgs, record: dict[str, Any]) -> list[Any]:
-    from distill.train import read_labelled
+    from distill.encoding import read_labelled
 
     paths = args.data or [Path(d["path"]) for d in record.get("data", [])]
     if not paths:
@@ -327,8 +283,8 @@ def run(args: EvalArgs) -> dict[str, Any]:
     import torch
 
     from distill.card_model import write_model_card
+    from distill.encoding import answer_perplexity, encode_all, encode_prompt, row_style
     from distill.records import atomic_write_json, build_prompt, check_json_answer, render_prompt
-    from distill.train import encode_all, encode_prompt, row_style
 
     started = time.perf_counter()
     log.info("eval config: %s", json.dumps(describe(args), ensure_ascii=False))
@@ -438,9 +394,9 @@ def run(args: EvalArgs) -> dict[str, Any]:
 def _eval_ggufs(
     args: EvalArgs, model: Any, tokenizer: Any, rows: Sequence[Any], plain_text: str
 ) -> dict[str, Any]:
+    from distill.encoding import encode_prompt, row_style
     from distill.llamacpp import LlamaCppError, require_tools
     from distill.records import render_prompt
-    from distill.train import encode_prompt, row_style
 
     assert args.gguf_dir is not None
     manifest_path = args.gguf_dir / "manifest.json"

@@ -202,8 +202,8 @@ def imatrix_text(paths: list[Path], model_dir: Path) -> tuple[str, int]:
     """Held-out prompts and answers (all rows when none is held out) as the imatrix corpus."""
     from transformers import AutoTokenizer
 
+    from distill.encoding import row_style
     from distill.records import read_many, render_prompt
-    from distill.train import row_style
 
     records = read_many(paths)
     chosen = [r for r in records if r.split == "heldout"] or records

@@ -37,6 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from distill.argspec import arg, describe
+from distill.encoding import (
+    IGNORE_INDEX,
+    DataError,
+    Example,
+    encode_all,
+    ensure_pad_token,
+    read_labelled,
+)
 from distill.records import PROMPT_STYLES, Record
 
 log = logging.getLogger(__name__)
@@ -45,7 +53,6 @@ METHODS = ("lora", "dora", "qlora")
 LAYER_PATTERNS = ("even", "ends")
 AUTO_ON_OFF = ("auto", "on", "off")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-IGNORE_INDEX = -100
 TOKENIZER_SIDE_FILES = (
     "tokenizer.model",
     "spiece.model",
@@ -70,7 +77,7 @@ RESUME_KEYS = (
 )
 
 
-class TrainError(ValueError):
+class TrainError(DataError):
     """Training input that cannot be used (the CLI reports it as bad input)."""
 
 
@@ -190,115 +197,6 @@ class TrainArgs:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class Example:
-    """One tokenized training sequence: prompt and answer ids, loss on the answer only."""
-
-    id: str
-    input_ids: list[int]
-    labels: list[int]
-    truncated: bool = False
-
-
-def read_labelled(paths: Sequence[Path]) -> list[Record]:
-    """Every labelled row, validated; rows without an answer are all listed in one error."""
-    from distill.records import read_many
-
-    records = read_many(list(paths))
-    unanswered = [r for r in records if not (r.assistant or "").strip()]
-    if unanswered:
-        shown = ", ".join(f"{r.where} ({r.id})" for r in unanswered[:10])
-        more = f" and {len(unanswered) - 10} more" if len(unanswered) > 10 else ""
-        raise TrainError(
-            f"{len(unanswered)} row(s) have no assistant answer (label them first): {shown}{more}"
-        )
-    return records
-
-
-def row_style(record: Record, requested: str, tokenizer: Any) -> str:
-    """The prompt style of one row: the flag, else what the labeller recorded, else the default."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if requested != "auto":
-        style = requested
-    else:
-        labeller = (record.metadata.get("provenance") or {}).get("labeller") or {}
-        style = labeller.get("prompt_style")
-        if style not in PROMPT_STYLES:
-            style = "chat" if has_template else "plain"
-    if style == "chat" and not has_template:
-        raise TrainError(
-            f"{record.where}: row labelled with the chat style but the student's tokenizer has "
-            "no chat template (pass --prompt-style plain to override)"
-        )
-    return style
-
-
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt ids as generation sees them: the tokenizer's specials unless the text has its BOS."""
-    bos = getattr(tokenizer, "bos_token", None)
-    special = not (bos and prompt.startswith(bos))
-    return list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
-
-
-def encode_record(record: Record, style: str, tokenizer: Any, max_length: int) -> Example | None:
-    """``render_prompt`` + answer + EOS as ids, labels masked on the prompt; None if no room."""
-    from distill.records import render_prompt
-
-    prompt = render_prompt(record, style, tokenizer)  # type: ignore[arg-type]
-    answer = record.assistant or ""
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    bos = getattr(tokenizer, "bos_token", None)
-    special = not (bos and prompt.startswith(bos))
-    full = list(tokenizer(prompt + answer, add_special_tokens=special)["input_ids"])
-    # Tokenizing the whole text keeps the answer's first token as it reads after the prompt;
-    # when a merge crosses the boundary, the answer is tokenized on its own instead.
-    if full[: len(prompt_ids)] == prompt_ids:
-        answer_ids = full[len(prompt_ids) :]
-    else:
-        answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    eos = tokenizer.eos_token_id
-    if eos is not None and (not answer_ids or answer_ids[-1] != eos):
-        answer_ids.append(eos)
-    room = max_length - len(prompt_ids)
-    if room < 1:
-        return None
-    truncated = len(answer_ids) > room
-    answer_ids = answer_ids[:room]
-    return Example(
-        id=record.id,
-        input_ids=prompt_ids + answer_ids,
-        labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids,
-        truncated=truncated,
-    )
-
-
-def encode_all(
-    records: Sequence[Record], tokenizer: Any, requested_style: str, max_length: int
-) -> tuple[list[Example], dict[str, Any]]:
-    """Encode rows; return the examples and counts (styles, truncated, dropped)."""
-    examples: list[Example] = []
-    styles: dict[str, int] = {}
-    dropped: list[str] = []
-    for record in records:
-        style = row_style(record, requested_style, tokenizer)
-        styles[style] = styles.get(style, 0) + 1
-        example = encode_record(record, style, tokenizer, max_length)
-        if example is None:
-            dropped.append(record.id)
-        else:
-            examples.append(example)
-    stats = {
-        "rows": len(records),
-        "sequences": len(examples),
-        "styles": styles,
-        "truncated": sum(e.truncated for e in examples),
-        "dropped_prompt_too_long": dropped,
-        "tokens": sum(len(e.input_ids) for e in examples),
-        "answer_tokens": sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in examples),
-    }
-    return examples, stats
 
 
 def pack(examples: Sequence[Example], max_length: int) -> list[list[Example]]:
@@ -444,14 +342,6 @@ def drop_layers(model: Any, every: int, pattern: str = "even") -> list[int]:
         config.layer_types = [config.layer_types[i] for i in keep]
     config.num_hidden_layers = len(keep)
     return keep
-
-
-def ensure_pad_token(tokenizer: Any) -> None:
-    """Give the tokenizer a pad token (its unk, else its eos) when it has none."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    if tokenizer.pad_token is None:
-        raise TrainError("the tokenizer has no pad, unk or eos token to pad with")
 
 
 def prepare_base(args: TrainArgs, run_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -866,7 +756,7 @@ def run(args: TrainArgs) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from distill.card_model import write_model_card
-    from distill.evaluate import answer_perplexity
+    from distill.encoding import answer_perplexity
 
     transformers.set_seed(args.seed)
     base_path, base_info = prepare_base(args, args.output)

@@ -24,8 +24,7 @@ def test_answer_perplexity_counts_only_answer_tokens(tiny_model: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.evaluate import answer_perplexity
-    from distill.train import Example
+    from distill.encoding import Example, answer_perplexity
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     ids = list(range(10, 30))

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from distill import train as train_stage
+from distill.encoding import IGNORE_INDEX, DataError, encode_record, row_style
 from distill.records import read_records, render_prompt
 from distill.train import (
-    IGNORE_INDEX,
     Collator,
     TrainArgs,
     TrainError,
-    encode_record,
     keep_layer_indices,
     pack,
 )
@@ -130,7 +129,7 @@ def test_importing_the_stage_does_not_import_torch() -> None:
 
 def test_rows_without_answers_are_all_listed(tmp_path: Path, tiny_model: Path) -> None:
     data = labelled(tmp_path / "l.jsonl", n=5, answered=False)
-    with pytest.raises(TrainError, match=r"5 row\(s\) have no assistant answer.*l.jsonl:1 \(r00\)"):
+    with pytest.raises(DataError, match=r"5 row\(s\) have no assistant answer.*l.jsonl:1 \(r00\)"):
         train_stage.run(args(data, tmp_path / "out", tiny_model))
     assert not (tmp_path / "out").exists()  # validated before anything is written
 
@@ -179,9 +178,9 @@ def test_plain_rows_use_the_plain_prompt(tmp_path: Path, tokenizer) -> None:
     rows[0]["metadata"]["provenance"]["labeller"]["prompt_style"] = "plain"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = read_records(path)
-    assert train_stage.row_style(records[0], "auto", tokenizer) == "plain"
-    assert train_stage.row_style(records[1], "auto", tokenizer) == "chat"
-    assert train_stage.row_style(records[1], "plain", tokenizer) == "plain"
+    assert row_style(records[0], "auto", tokenizer) == "plain"
+    assert row_style(records[1], "auto", tokenizer) == "chat"
+    assert row_style(records[1], "plain", tokenizer) == "plain"
 
 
 def test_packing_keeps_rows_whole_and_restarts_positions(data: Path, tokenizer) -> None:

@@ -1,0 +1,180 @@
+"""Rows into token ids, the same way for training and evaluation.
+
+Each sequence is exactly the prompt the teacher saw (``distill.records.render_prompt``, in the
+style the labeller recorded) followed by the teacher's answer and the end-of-sequence token;
+labels mask the prompt, so a loss or a perplexity covers only the answer. ``distill.train`` and
+``distill.evaluate`` both take their encoding from here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill.records import PROMPT_STYLES, Record, read_many, render_prompt
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Labelled rows that cannot be encoded (the CLI reports it as bad input)."""
+
+
+@dataclass
+class Example:
+    """One tokenized training sequence: prompt and answer ids, loss on the answer only."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+def read_labelled(paths: Sequence[Path]) -> list[Record]:
+    """Every labelled row, validated; rows without an answer are all listed in one error."""
+    records = read_many(list(paths))
+    unanswered = [r for r in records if not (r.assistant or "").strip()]
+    if unanswered:
+        shown = ", ".join(f"{r.where} ({r.id})" for r in unanswered[:10])
+        more = f" and {len(unanswered) - 10} more" if len(unanswered) > 10 else ""
+        raise DataError(
+            f"{len(unanswered)} row(s) have no assistant answer (label them first): {shown}{more}"
+        )
+    return records
+
+
+def row_style(record: Record, requested: str, tokenizer: Any) -> str:
+    """The prompt style of one row: the flag, else what the labeller recorded, else the default."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if requested != "auto":
+        style = requested
+    else:
+        labeller = (record.metadata.get("provenance") or {}).get("labeller") or {}
+        style = labeller.get("prompt_style")
+        if style not in PROMPT_STYLES:
+            style = "chat" if has_template else "plain"
+    if style == "chat" and not has_template:
+        raise DataError(
+            f"{record.where}: row labelled with the chat style but the student's tokenizer has "
+            "no chat template (pass --prompt-style plain to override)"
+        )
+    return style
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Prompt ids as generation sees them: the tokenizer's specials unless the text has its BOS."""
+    bos = getattr(tokenizer, "bos_token", None)
+    special = not (bos and prompt.startswith(bos))
+    return list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
+
+
+def encode_record(record: Record, style: str, tokenizer: Any, max_length: int) -> Example | None:
+    """``render_prompt`` + answer + EOS as ids, labels masked on the prompt; None if no room."""
+    prompt = render_prompt(record, style, tokenizer)  # type: ignore[arg-type]
+    answer = record.assistant or ""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    bos = getattr(tokenizer, "bos_token", None)
+    special = not (bos and prompt.startswith(bos))
+    full = list(tokenizer(prompt + answer, add_special_tokens=special)["input_ids"])
+    # Tokenizing the whole text keeps the answer's first token as it reads after the prompt;
+    # when a merge crosses the boundary, the answer is tokenized on its own instead.
+    if full[: len(prompt_ids)] == prompt_ids:
+        answer_ids = full[len(prompt_ids) :]
+    else:
+        answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not answer_ids or answer_ids[-1] != eos):
+        answer_ids.append(eos)
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        return None
+    truncated = len(answer_ids) > room
+    answer_ids = answer_ids[:room]
+    return Example(
+        id=record.id,
+        input_ids=prompt_ids + answer_ids,
+        labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+        truncated=truncated,
+    )
+
+
+def encode_all(
+    records: Sequence[Record], tokenizer: Any, requested_style: str, max_length: int
+) -> tuple[list[Example], dict[str, Any]]:
+    """Encode rows; return the examples and counts (styles, truncated, dropped)."""
+    examples: list[Example] = []
+    styles: dict[str, int] = {}
+    dropped: list[str] = []
+    for record in records:
+        style = row_style(record, requested_style, tokenizer)
+        styles[style] = styles.get(style, 0) + 1
+        example = encode_record(record, style, tokenizer, max_length)
+        if example is None:
+            dropped.append(record.id)
+        else:
+            examples.append(example)
+    stats = {
+        "rows": len(records),
+        "sequences": len(examples),
+        "styles": styles,
+        "truncated": sum(e.truncated for e in examples),
+        "dropped_prompt_too_long": dropped,
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "answer_tokens": sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in examples),
+    }
+    return examples, stats
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give the tokenizer a pad token (its unk, else its eos) when it has none."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise DataError("the tokenizer has no pad, unk or eos token to pad with")
+
+
+def answer_perplexity(
+    model: Any, examples: Sequence[Any], pad_id: int, batch_size: int = 4
+) -> float | None:
+    """Perplexity of the answer tokens (labels not -100) under ``model``; None without examples."""
+    import torch
+
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    total_tokens = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start : start + batch_size]
+                width = max(len(e.input_ids) for e in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, example in enumerate(chunk):
+                    n = len(example.input_ids)
+                    ids[row, :n] = torch.tensor(example.input_ids)
+                    labels[row, :n] = torch.tensor(example.labels)
+                    mask[row, :n] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                shifted = logits[:, :-1].float()
+                target = labels[:, 1:].to(device)
+                nll = torch.nn.functional.cross_entropy(
+                    shifted.reshape(-1, shifted.size(-1)),
+                    target.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+                total_nll += float(nll)
+                total_tokens += int((target != -100).sum())
+    finally:
+        model.train(was_training)
+    if total_tokens == 0:
+        return None
+    return round(math.exp(total_nll / total_tokens), 4)
