@@ -1,8 +1,8 @@
 """The teacher's top-K log-probabilities, stored compactly beside a labelled JSONL file.
 
     distill label --input prompts.jsonl --output out.jsonl --logprobs 20
-    # out.jsonl            rows, each with "teacher_logprobs": {"file", "offset", "tokens", "k", "crc32"}
-    # out.logprobs.bin     one block per row: the answer's token ids, top-K ids and log-probabilities
+    # out.jsonl         rows, each with "teacher_logprobs": {file, offset, tokens, k, crc32}
+    # out.logprobs.bin  a block per row: the answer's token ids, top-K ids and log-probabilities
 
 A block is a 16-byte header (``PDLP``, format version, token count T, K) followed by the answer's
 T token ids (int32: exactly the tokens the teacher generated, end-of-sequence included when it
