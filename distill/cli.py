@@ -36,11 +36,13 @@ def _parser() -> argparse.ArgumentParser:
             cls = ops.args_class(stage)
         except ops.OpError:
             continue  # a stage whose module is not there yet
-        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        # The stage's module (a package's __init__ for a stage split into steps) holds its doc.
+        text = sys.modules[ops.STAGES[stage][0]].__doc__ or ""
+        doc = text.strip().splitlines()
         stage_parser = sub.add_parser(
             stage,
             help=doc[0] if doc else stage,
-            description=(sys.modules[cls.__module__].__doc__ or ""),
+            description=text,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         argspec.build_parser(cls, stage_parser)
@@ -73,7 +75,7 @@ def _run(namespace: argparse.Namespace) -> dict:
 
     cls = ops.args_class(namespace.stage)
     args = argspec.parse_into(cls, namespace)
-    module = importlib.import_module(cls.__module__)
+    module = importlib.import_module(ops.STAGES[namespace.stage][0])
     return module.run(args)
 
 
