@@ -98,7 +98,8 @@ def bench_cpu(steps: int = 4, batch: int = 4, length: int = 256) -> list[dict[st
 
     import torch
 
-    from distill.train import add_adapters, load_model, measure_steps, synthetic_batch
+    from distill.train.device import measure_steps, synthetic_batch
+    from distill.train.model import add_adapters, load_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,7 +152,8 @@ def _cuda_model(fused: bool) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.train import add_adapters, apply_fused_kernels
+    from distill.train.device import apply_fused_kernels
+    from distill.train.model import add_adapters
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
@@ -165,7 +167,7 @@ def bench_cuda(steps: int = 10) -> list[dict[str, Any]]:
     """The seed default and the auto-tuned configuration on a CUDA device."""
     import torch
 
-    from distill.train import (
+    from distill.train.device import (
         autotune,
         liger_available,
         measure_steps,

@@ -11,13 +11,9 @@ import pytest
 from distill import train as train_stage
 from distill.encoding import IGNORE_INDEX, DataError, encode_record, row_style
 from distill.records import read_records, render_prompt
-from distill.train import (
-    Collator,
-    TrainArgs,
-    TrainError,
-    keep_layer_indices,
-    pack,
-)
+from distill.train import TrainArgs, TrainError
+from distill.train.data import Collator, pack
+from distill.train.model import keep_layer_indices
 
 SCHEMA = {
     "type": "object",

@@ -1,0 +1,105 @@
+"""Training data beyond :mod:`distill.encoding`: packing, batches, the run record's data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from distill.encoding import IGNORE_INDEX, Example
+from distill.records import Record
+
+
+def pack(examples: Sequence[Example], max_length: int) -> list[list[Example]]:
+    """First-fit-decreasing bins of whole examples, each bin at most ``max_length`` tokens."""
+    bins: list[list[Example]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        size = len(example.input_ids)
+        for index, free in enumerate(room):
+            if size <= free:
+                bins[index].append(example)
+                room[index] -= size
+                break
+        else:
+            bins.append([example])
+            room.append(max_length - size)
+    return bins
+
+
+class Collator:
+    """Batches of examples (padded, with an attention mask) or of packed bins.
+
+    A packed row carries ``position_ids`` that restart at each example and no attention mask:
+    transformers then builds a block-diagonal causal mask, so rows never see each other.
+    """
+
+    def __init__(self, pad_id: int, packed: bool, multiple_of: int = 1):
+        self.pad_id = pad_id
+        self.packed = packed
+        self.multiple_of = multiple_of
+
+    def __call__(self, items: list[Any]) -> dict[str, Any]:
+        import torch
+
+        rows: list[tuple[list[int], list[int], list[int]]] = []
+        for item in items:
+            group = item if self.packed else [item]
+            ids: list[int] = []
+            labels: list[int] = []
+            positions: list[int] = []
+            for example in group:
+                ids += example.input_ids
+                labels += example.labels
+                positions += list(range(len(example.input_ids)))
+            rows.append((ids, labels, positions))
+        width = max(len(r[0]) for r in rows)
+        width = -(-width // self.multiple_of) * self.multiple_of
+        batch_ids, batch_labels, batch_pos, batch_mask = [], [], [], []
+        for ids, labels, positions in rows:
+            pad = width - len(ids)
+            batch_ids.append(ids + [self.pad_id] * pad)
+            batch_labels.append(labels + [IGNORE_INDEX] * pad)
+            batch_pos.append(positions + list(range(pad)))
+            batch_mask.append([1] * len(ids) + [0] * pad)
+        out = {
+            "input_ids": torch.tensor(batch_ids),
+            "labels": torch.tensor(batch_labels),
+        }
+        if self.packed:
+            out["position_ids"] = torch.tensor(batch_pos)
+        else:
+            out["attention_mask"] = torch.tensor(batch_mask)
+        return out
+
+
+class ListDataset:
+    """A list as a map-style dataset (the Trainer only needs len and indexing)."""
+
+    def __init__(self, items: Sequence[Any]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+def data_record(paths: Sequence[Path], records: Sequence[Record]) -> list[dict[str, Any]]:
+    """Each data file with its hash and row counts per split."""
+    from distill.models import sha256_file
+
+    out = []
+    for path in paths:
+        rows = [r for r in records if Path(r.source) == path]
+        out.append(
+            {
+                "path": str(path),
+                "sha256": sha256_file(path),
+                "rows": len(rows),
+                "train": sum(r.split == "train" for r in rows),
+                "heldout": sum(r.split == "heldout" for r in rows),
+            }
+        )
+    return out

@@ -1,0 +1,105 @@
+"""The training loop: the transformers Trainer with checkpoints, resume and the schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from distill.argspec import describe
+from distill.encoding import Example
+from distill.records import atomic_write_json
+from distill.train.args import TrainArgs
+from distill.train.data import Collator, ListDataset, pack
+from distill.train.device import DevicePlan
+
+log = logging.getLogger(__name__)
+
+
+def last_checkpoint(checkpoints: Path) -> Path | None:
+    found = [p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def train_loop(
+    model: Any, tokenizer: Any, args: TrainArgs, plan: DevicePlan, examples: list[Example]
+) -> dict[str, Any]:
+    """Run the transformers Trainer (checkpoints, resume, accumulation, schedule)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    items: list[Any] = pack(examples, args.max_length) if plan.packing else examples
+    cuda = plan.device.startswith("cuda")
+    steps_per_epoch = max(1, math.ceil(len(items) / (plan.batch_size * args.grad_accum)))
+    total_steps = args.max_steps or math.ceil(steps_per_epoch * args.epochs)
+    checkpoints = args.output / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(checkpoints / "pidistill_config.json", describe(args))
+    save = {"save_strategy": "steps", "save_steps": args.save_steps} if args.save_steps else {}
+    training_args = TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=plan.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.learning_rate,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps or -1,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(0, round(0.03 * total_steps)),
+        weight_decay=0.0,
+        logging_steps=args.logging_steps,
+        save_strategy=save.get("save_strategy", "epoch"),
+        save_steps=save.get("save_steps", 500),
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        data_seed=args.seed,
+        bf16=cuda and plan.dtype == "bfloat16",
+        fp16=cuda and plan.dtype == "float16",
+        use_cpu=not cuda,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_pin_memory=cuda,
+        disable_tqdm=True,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+    )
+    collator = Collator(tokenizer.pad_token_id, plan.packing, multiple_of=8 if cuda else 1)
+    losses: list[dict[str, float]] = []
+
+    class _LogLosses(TrainerCallback):
+        def on_log(self, _args: Any, state: Any, _control: Any, logs: Any = None, **_: Any) -> None:
+            if logs and "loss" in logs:
+                losses.append({"step": state.global_step, "loss": round(float(logs["loss"]), 4)})
+                log.info("step %d: loss %.4f", state.global_step, logs["loss"])
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=ListDataset(items),  # type: ignore[arg-type]
+        data_collator=collator,
+        callbacks=[_LogLosses()],
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries the summary
+    resume_from = last_checkpoint(checkpoints) if args.resume else None
+    if args.resume and resume_from is None:
+        log.warning("--resume: no checkpoint under %s; starting from the beginning", checkpoints)
+    elif resume_from:
+        log.info("resuming from %s", resume_from)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    elapsed = time.perf_counter() - started
+    state = trainer.state
+    start_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+    steps_run = state.global_step - start_step
+    tokens_per_step = (
+        sum(len(e.input_ids) for e in examples) / max(1, len(items)) * plan.batch_size
+    ) * args.grad_accum
+    return {
+        "steps": state.global_step,
+        "resumed_from_step": start_step or None,
+        "epochs": round(float(state.epoch or 0), 3),
+        "train_loss": round(float(result.training_loss), 4),
+        "losses": losses,
+        "train_seconds": round(elapsed, 2),
+        "tokens_per_second": round(steps_run * tokens_per_step / elapsed, 1) if elapsed else None,
+    }

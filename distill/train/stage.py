@@ -1,0 +1,187 @@
+"""From labelled rows to a merged student: read, encode, load, tune, train, merge, record."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import time
+from typing import Any
+
+from distill.argspec import describe
+from distill.encoding import encode_all, ensure_pad_token, read_labelled
+from distill.train.args import RESUME_KEYS, TrainArgs, TrainError
+from distill.train.data import data_record
+from distill.train.device import (
+    apply_fused_kernels,
+    autotune,
+    default_budget_gib,
+    plan_device,
+    set_checkpointing,
+)
+from distill.train.loop import train_loop
+from distill.train.merge import merge_adapter, save_tokenizer
+from distill.train.model import add_adapters, load_model, prepare_base
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    """Versions of what trained the model, for the run record and the card."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("pidistill", "torch", "transformers", "peft", "bitsandbytes", "liger-kernel"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _check_run_dir(args: TrainArgs) -> None:
+    checkpoints = args.output / "checkpoints"
+    config_file = checkpoints / "pidistill_config.json"
+    if args.resume:
+        if config_file.is_file():
+            before = json.loads(config_file.read_text())
+            now = describe(args)
+            changed = [
+                k for k in RESUME_KEYS if json.dumps(before.get(k)) != json.dumps(now.get(k))
+            ]
+            if changed:
+                raise TrainError(
+                    f"--resume: {config_file} was made with other values of "
+                    f"{', '.join(changed)}; resume with the same ones or start a new run"
+                )
+        return
+    if args.output.exists() and any(args.output.iterdir()):
+        if not args.overwrite:
+            raise TrainError(
+                f"{args.output}: run directory is not empty (--resume to go on, "
+                "--overwrite to replace it)"
+            )
+        shutil.rmtree(args.output)
+
+
+def run(args: TrainArgs) -> dict[str, Any]:
+    """Train, merge and write the run directory; return the summary."""
+    from distill.records import atomic_write_json
+
+    started = time.perf_counter()
+    log.info("train config: %s", json.dumps(describe(args), ensure_ascii=False))
+    records = read_labelled(args.data)  # eagerly, before any model loads
+    train_rows = [r for r in records if r.split == "train"]
+    heldout_rows = [r for r in records if r.split == "heldout"]
+    if not train_rows:
+        raise TrainError("no rows with split train in " + ", ".join(map(str, args.data)))
+    _check_run_dir(args)
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    from distill.card_model import write_model_card
+    from distill.encoding import answer_perplexity
+
+    transformers.set_seed(args.seed)
+    base_path, base_info = prepare_base(args, args.output)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "right"
+    train_examples, train_stats = encode_all(
+        train_rows, tokenizer, args.prompt_style, args.max_length
+    )
+    heldout_examples, heldout_stats = encode_all(
+        heldout_rows, tokenizer, args.prompt_style, args.max_length
+    )
+    if not train_examples:
+        raise TrainError(f"every training prompt is longer than --max-length {args.max_length}")
+    log.info(
+        "data: %d training sequences (%d tokens, %d truncated), %d held out",
+        len(train_examples),
+        train_stats["tokens"],
+        train_stats["truncated"],
+        len(heldout_examples),
+    )
+
+    longest = max(len(e.input_ids) for e in train_examples)
+    plan = plan_device(args, longest)
+    model = load_model(base_path, args.method, plan.device, plan.dtype)
+    if plan.fused_kernels:
+        plan.fused_kernels = apply_fused_kernels(model)
+    model = add_adapters(model, args, plan.checkpoint_fraction > 0)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("adapters: %s, %d trainable of %d parameters", args.method, trainable, total)
+
+    cuda = plan.device.startswith("cuda")
+    if cuda and (args.batch_size is None or args.gradient_checkpointing == "auto"):
+        budget = args.memory_budget_gib or default_budget_gib(plan.device)
+        length = args.max_length if plan.packing else longest
+        batches = (args.batch_size,) if args.batch_size else (4, 8, 16, 24, 32, 48)
+        fractions = (
+            (plan.checkpoint_fraction,)
+            if args.gradient_checkpointing != "auto"
+            else (0.0, 0.25, 0.5, 0.75, 1.0)
+        )
+        best, _ = autotune(model, length, budget, batches, fractions)
+        if best is not None:
+            plan.batch_size = best.batch_size
+            plan.checkpoint_fraction = best.checkpoint_fraction
+            plan.tuned = True
+    checkpointed = set_checkpointing(model, plan.checkpoint_fraction)
+    log.info("device plan: %s (%d layers checkpointed)", plan.as_dict(), checkpointed)
+
+    before = answer_perplexity(model, heldout_examples, tokenizer.pad_token_id)
+    metrics = train_loop(model, tokenizer, args, plan, train_examples)
+    after = answer_perplexity(model, heldout_examples, tokenizer.pad_token_id)
+    log.info("held-out answer perplexity: %.3f before, %.3f after", before or 0, after or 0)
+
+    adapter_dir = args.output / "adapter"
+    model.save_pretrained(adapter_dir)
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    model_dir = args.output / "model"
+    merge = merge_adapter(
+        base_path, adapter_dir, model_dir, args.method, args.save_dtype, heldout_examples
+    )
+    save_tokenizer(tokenizer, base_path, model_dir)
+
+    record: dict[str, Any] = {
+        "stage": "train",
+        "config": describe(args),
+        "versions": versions(),
+        "base": base_info,
+        "data": data_record(args.data, records),
+        "train_data": train_stats,
+        "heldout_data": heldout_stats,
+        "device": plan.as_dict(),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "metrics": {
+            **metrics,
+            "heldout_perplexity_before": before,
+            "heldout_perplexity_after": after,
+        },
+        "merge": merge,
+        "outputs": {"model": str(model_dir), "adapter": str(adapter_dir)},
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    atomic_write_json(args.output / "training_record.json", record)
+    write_model_card(model_dir, record)
+    return {
+        "model": str(model_dir),
+        "run_dir": str(args.output),
+        "method": args.method,
+        "steps": metrics["steps"],
+        "train_loss": metrics["train_loss"],
+        "tokens_per_second": metrics["tokens_per_second"],
+        "heldout_perplexity_before": before,
+        "heldout_perplexity_after": after,
+        "merge_max_abs_diff": merge["max_abs_logit_diff"],
+        "device": plan.device,
+        "wall_seconds": record["wall_seconds"],
+    }
