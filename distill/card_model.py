@@ -42,50 +42,99 @@ def _num(value: Any) -> str:
     return str(value)
 
 
+def _row(label: str, values: list[str], goal: str = "") -> str:
+    return f"| {label} | " + " | ".join(values) + f" | {goal} |"
+
+
+def _student_rows(evaluation: dict[str, Any]) -> list[str]:
+    """Teacher, student before and after, measured in HF on the held-out rows."""
+    teacher = evaluation.get("teacher") or {}
+    compared = evaluation.get("student_vs_teacher") or {}
+    before, after = compared.get("before") or {}, compared.get("after") or {}
+
+    def both(key: str, show: Any = _num) -> list[str]:
+        return [show(before.get(key)), show(after.get(key))]
+
+    def chrf(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.1f}"
+
+    lines = [
+        "| measure | teacher | student before | student after | goal |",
+        "| --- | --- | --- | --- | --- |",
+        _row("perplexity of the teacher's answers",
+             [_num(teacher.get("answer_perplexity")), *both("answer_perplexity")],
+             "after below before"),
+        _row("next-token top-1 agreement with the teacher", ["", *both("top1_agreement", _pct)]),
+        _row("mean KL(teacher ‖ student), nats/token", ["", *both("mean_kl")]),
+        _row("chrF of greedy answers vs the teacher's", ["", *both("chrf", chrf)]),
+        _row("exact match with the teacher's answers", ["", *both("exact_match", _pct)]),
+    ]  # fmt: skip
+    rows = (evaluation.get("heldout") or {}).get("json_rows")
+    labelled = teacher.get("json") or {}
+    for mode, label in (("free", "free"), ("constrained", "schema-constrained")):
+        sides = [(side.get("json") or {}).get(mode) or {} for side in (before, after)]
+        if not any(sides) and mode == "constrained":
+            continue
+        for key, what in (("json_valid", "JSON-valid"), ("schema_valid", "schema-valid")):
+            ours = labelled.get(key) if mode == "free" else None
+            lines.append(
+                _row(f"{what} rate, {label} ({rows} rows)",
+                     [_pct(ours) if mode == "free" else "", *(_pct(s.get(key)) for s in sides)])
+            )  # fmt: skip
+    return lines
+
+
+def _gguf_rows(evaluation: dict[str, Any]) -> list[str]:
+    """Each exported quant beside the teacher's own, llama-perplexity's KLD measures."""
+    gguf = evaluation.get("gguf") or {}
+    ceiling = (evaluation.get("teacher_ceiling") or {}).get("quants") or {}
+    goal = evaluation.get("goal") or {}
+    lines = [
+        "",
+        f"GGUF fidelity: llama.cpp's `llama-perplexity --kl-divergence` of each file against the "
+        f"unquantized {(gguf.get('base') or {}).get('type')} GGUF of the same model, over the "
+        f"held-out prompts and answers ({gguf.get('text_tokens')} tokens, chunks of "
+        f"{gguf.get('ctx')}); the teacher quantized the same way is the ceiling. Goal: "
+        f"{goal.get('rule', 'n/a')}.",
+        "",
+        "| file | MiB | mean KLD | same top p | PPL ratio | teacher's mean KLD | "
+        "teacher's same top p | teacher's PPL ratio | goal |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for quant, stats in (gguf.get("quants") or {}).items():
+        theirs = ceiling.get(quant) or {}
+        met = (stats.get("goal") or {}).get("met")
+        verdict = "n/a" if met is None else "met" if met else "not met"
+        if quant == goal.get("quant"):
+            verdict = f"**{verdict}**"
+
+        def top(value: Any) -> str:
+            return "n/a" if value is None else f"{value:.2f}%"
+
+        lines.append(
+            f"| {stats.get('file')} | {stats.get('mib')} | {_num(stats.get('mean_kld'))} | "
+            f"{top(stats.get('same_top_p'))} | {_num(stats.get('ppl_ratio'))} | "
+            f"{_num(theirs.get('mean_kld'))} | {top(theirs.get('same_top_p'))} | "
+            f"{_num(theirs.get('ppl_ratio'))} | {verdict} |"
+        )
+    return lines
+
+
 def eval_table(evaluation: dict[str, Any] | None) -> str:
     """The eval results as Markdown tables (a placeholder line before ``distill eval`` ran)."""
     if not evaluation:
         return "Not evaluated yet: run `distill eval --run-dir <run> --gguf-dir <dist>`.\n"
-    ppl = evaluation.get("perplexity") or {}
+    heldout = evaluation.get("heldout") or {}
+    teacher = evaluation.get("teacher") or {}
     lines = [
-        f"Held-out rows: {evaluation.get('heldout_rows')}.",
+        f"Held-out rows: {heldout.get('rows')} ({heldout.get('answer_tokens')} answer tokens), "
+        f"against the teacher `{teacher.get('model')}`; the teacher's column is its labelled "
+        "answers.",
         "",
-        "| measure | value | goal |",
-        "| --- | --- | --- |",
-        f"| answer perplexity before training | {_num(ppl.get('before'))} | |",
-        f"| answer perplexity after training | {_num(ppl.get('after'))} | below before |",
+        *_student_rows(evaluation),
     ]
-    js = evaluation.get("json")
-    if js:
-        lines.append(f"| JSON-valid rate, student ({js['rows']} rows) | "
-                     f"{_pct(js['student_valid_rate'])} | |")  # fmt: skip
-        lines.append(f"| JSON-valid rate, teacher ({js['rows']} rows) | "
-                     f"{_pct(js['teacher_valid_rate'])} | |")  # fmt: skip
-    gguf = evaluation.get("gguf")
-    if gguf:
-        goal = gguf.get("goal") or {}
-        for quant in gguf.get("quants", []):
-            if quant["quant"] == goal.get("quant"):
-                lines.append(
-                    f"| {quant['quant']} vs HF next-token top-1 agreement | "
-                    f"{_pct(quant.get('top1_agreement'))} | "
-                    f"at least {_pct(goal.get('top1_agreement_at_least'))} |"
-                )
-        lines += [
-            "",
-            f"GGUF files (llama.cpp perplexity over the held-out text, chunks of "
-            f"{gguf.get('perplexity_ctx')} tokens; top-1 agreement with the merged HF model over "
-            f"{gguf.get('tokens_per_prompt')} greedy tokens per prompt):",
-            "",
-            "| file | MiB | perplexity | top-1 agreement |",
-            "| --- | --- | --- | --- |",
-            f"| merged HF model (float32) | | {_num(gguf.get('hf_perplexity'))} | 100% |",
-        ]
-        for quant in gguf.get("quants", []):
-            lines.append(
-                f"| {quant['file']} | {quant['mib']} | {_num(quant.get('perplexity'))} | "
-                f"{_pct(quant.get('top1_agreement'))} |"
-            )
+    if evaluation.get("gguf"):
+        lines += _gguf_rows(evaluation)
     return "\n".join(lines) + "\n"
 
 

@@ -32,9 +32,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distill.argspec import arg, describe
+
+if TYPE_CHECKING:
+    from distill.llamacpp import Tools
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +218,25 @@ def imatrix_text(paths: list[Path], model_dir: Path) -> tuple[str, int]:
     return "\n\n".join(parts) + "\n", len(chosen)
 
 
+def convert_to_gguf(tools: Tools, model_dir: Path, outfile: Path, outtype: str) -> list[str]:
+    """llama.cpp's ``convert_hf_to_gguf.py`` (with the same tree's gguf-py) on an HF directory;
+    return the command it ran."""
+    from distill.llamacpp import run as run_tool
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools.gguf_py), *_pythonpath()])}
+    cmd = [
+        sys.executable,
+        str(tools.converter),
+        str(model_dir),
+        "--outfile",
+        str(outfile),
+        "--outtype",
+        outtype,
+    ]
+    run_tool(cmd, env=env)
+    return cmd
+
+
 def _threads(args: ExportArgs) -> str:
     return str(args.threads or max(1, (os.cpu_count() or 2)))
 
@@ -248,17 +270,7 @@ def run(args: ExportArgs) -> dict[str, Any]:
     ok = False
     try:
         converted = tmp / f"converted-{args.outtype}.gguf"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools.gguf_py), *_pythonpath()])}
-        convert_cmd = [
-            sys.executable,
-            str(tools.converter),
-            str(model_dir),
-            "--outfile",
-            str(converted),
-            "--outtype",
-            args.outtype,
-        ]
-        run_tool(convert_cmd, env=env)
+        convert_cmd = convert_to_gguf(tools, model_dir, converted, args.outtype)
         imatrix: dict[str, Any] | None = None
         if args.imatrix_data and imatrix_tool:
             text, rows = imatrix_text(args.imatrix_data, model_dir)
