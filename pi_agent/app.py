@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from pi_agent import __version__, http, metrics, sdnotify
+from pi_agent import __version__, http, metrics, sdnotify, structured
 from pi_agent.config import Config
 from pi_agent.fsutil import atomic_write
 from pi_agent.host import Host, decode_throttled
@@ -347,7 +347,9 @@ class Agent:
 
     # proxying
 
-    async def _proxy(self, role: str, path: str, body: dict[str, Any]) -> Response | StreamResponse:
+    async def _proxy(
+        self, role: str, path: str, body: dict[str, Any], constrained: bool = False
+    ) -> Response | StreamResponse:
         sup = self.supervisors.get(role)
         if sup is None:
             raise HTTPError(404, f"no {role} is configured on this Pi")
@@ -368,22 +370,34 @@ class Agent:
             raise HTTPError(
                 503, f"the {role} closed the connection", {"Retry-After": "1"}
             ) from None
+        if upstream.status == 500 and constrained:
+            # llama-server answers 500 to some schemas and grammars it cannot turn into a grammar
+            # (an exception other than invalid_argument): the request's to fix, in its words.
+            message = _upstream_message(data)
+            if message:
+                raise HTTPError(400, f"llama-server refused the constraint: {message}")
         if upstream.status >= 500:
             log.warning("%s answered %d: %s", role, upstream.status, data[:200])
             raise HTTPError(502, f"the {role} failed ({upstream.status})")
         return Response(upstream.status, data, ctype)
 
-    async def chat(self, request: Request) -> Response | StreamResponse:
-        """OpenAI chat completion."""
-        return await self._proxy(
-            "decoder", "/v1/chat/completions", await self._body(request, "ChatCompletionRequest")
-        )
+    async def _generate(self, request: Request, schema: str, path: str) -> AnyResponse:
+        body = await self._body(request, schema)
+        try:
+            upstream, constrained = structured.for_llama_server(
+                body, self.cfg["agent"]["max_constraint_bytes"]
+            )
+        except structured.ConstraintError as exc:
+            raise HTTPError(exc.status, str(exc)) from None
+        return await self._proxy("decoder", path, upstream, constrained)
 
-    async def completions(self, request: Request) -> Response | StreamResponse:
-        """OpenAI text completion."""
-        return await self._proxy(
-            "decoder", "/v1/completions", await self._body(request, "CompletionRequest")
-        )
+    async def chat(self, request: Request) -> AnyResponse:
+        """OpenAI chat completion, optionally constrained by response_format or grammar."""
+        return await self._generate(request, "ChatCompletionRequest", "/v1/chat/completions")
+
+    async def completions(self, request: Request) -> AnyResponse:
+        """OpenAI text completion, optionally constrained by response_format or grammar."""
+        return await self._generate(request, "CompletionRequest", "/v1/completions")
 
     async def embeddings(self, request: Request) -> Response | StreamResponse:
         """OpenAI embeddings."""
@@ -649,3 +663,15 @@ class Agent:
             raise HTTPError(404, "no benchmark has run yet")
         csv_path = Path(json.loads(path.read_text())["csv"])
         return Response(200, csv_path.read_bytes(), "text/csv; charset=utf-8")
+
+
+def _upstream_message(data: bytes) -> str:
+    """The ``error.message`` of llama-server's JSON error body ("" when there is none)."""
+    try:
+        error = json.loads(data).get("error")
+    except (ValueError, AttributeError):
+        return ""
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str):
+        return ""
+    return " ".join(message.split())[:1000]

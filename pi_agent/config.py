@@ -84,7 +84,8 @@ def _check(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: agent.log_level must be one of {', '.join(LOG_LEVELS)}")
     for section, key in (
         ("agent", "max_body_bytes"), ("agent", "max_upload_bytes"),
-        ("decoder", "ctx_size"), ("decoder", "threads"), ("decoder", "batch_size"),
+        ("agent", "max_constraint_bytes"), ("decoder", "ctx_size"), ("decoder", "threads"),
+        ("decoder", "batch_size"),
         ("decoder", "ubatch_size"), ("decoder", "parallel"), ("encoder", "ctx_size"),
         ("encoder", "threads"), ("encoder", "batch_size"), ("encoder", "ubatch_size"),
         ("store", "keep_versions"), ("store", "probe_max_tokens"), ("bench", "n_prompt"),

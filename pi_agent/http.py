@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,21 @@ HEADER_TIMEOUT_S = 30.0
 BODY_TIMEOUT_S = 60.0
 SENDFILE_SLICE = 1 << 20  # a file goes out in slices of this size...
 SENDFILE_STALL_S = 60.0  # ...each within this time, else the client is dropped
+
+
+class _NotFinite(ValueError):
+    """NaN, Infinity or a number beyond a double in a JSON body: no JSON peer can read them back."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(text)
+    return value
+
+
+def _constant(name: str) -> float:
+    raise _NotFinite(name)
 
 
 class HTTPError(Exception):
@@ -168,7 +184,11 @@ class Request:
             raise HTTPError(415, "the body must be application/json")
         raw = await self.body(limit)
         try:
-            return json.loads(raw)
+            # Python reads NaN and Infinity (and 1e999 as infinity), then writes them back as
+            # tokens llama-server cannot parse: refused here, where the client can be told.
+            return json.loads(raw, parse_float=_finite, parse_constant=_constant)
+        except _NotFinite as exc:
+            raise HTTPError(400, f"the body holds {exc}: JSON numbers are finite") from None
         except (ValueError, RecursionError):
             raise HTTPError(400, "the body is not valid JSON") from None
 

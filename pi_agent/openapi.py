@@ -40,6 +40,13 @@ _sampling: dict[str, Any] = {
         "additionalProperties": False,
     },
     "user": {"type": "string", "maxLength": 256},
+    "response_format": {"$ref": "#/components/schemas/ResponseFormat"},
+    "grammar": {
+        "type": "string",
+        "minLength": 1,
+        "description": "A GBNF grammar the answer must follow (not with response_format). At "
+        "most agent.max_constraint_bytes bytes (64 KiB by default), else 413.",
+    },
 }
 SCHEMAS: dict[str, dict[str, Any]] = {
     "ChatMessage": {
@@ -71,6 +78,34 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object",
         "required": ["prompt"],
         "properties": {"prompt": _text, **_sampling},
+        "additionalProperties": False,
+    },
+    "ResponseFormat": {
+        "type": "object",
+        "description": "text (no constraint), json_object (any object, or `schema` beside the "
+        "type, llama.cpp's form) or json_schema (OpenAI's `json_schema` wrapper, or a bare "
+        "`schema`). The schema must pass the JSON Schema meta-schema (draft 2020-12, or draft 7 "
+        "by $schema), nest at most 64 levels and take at most agent.max_constraint_bytes bytes "
+        "(64 KiB by default, else 413). Not with grammar.",
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+            "json_schema": {"$ref": "#/components/schemas/JsonSchemaFormat"},
+            "schema": {"type": "object"},
+        },
+        "additionalProperties": False,
+    },
+    "JsonSchemaFormat": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            "description": {"type": "string", "maxLength": 4000},
+            "schema": {"type": "object"},
+            "strict": {
+                "type": "boolean",
+                "description": "Accepted; the answer is always held to the schema by a grammar.",
+            },
+        },
         "additionalProperties": False,
     },
     "EmbeddingRequest": {
@@ -262,6 +297,8 @@ def document() -> dict[str, Any]:
         "/v1/chat/completions": {
             "post": {
                 "summary": "OpenAI chat completion (stream=true answers server-sent events)",
+                "description": "response_format or grammar hold the answer to a JSON Schema or "
+                "a GBNF grammar (400 when invalid, 413 when too large).",
                 "requestBody": _json_body("ChatCompletionRequest"),
                 "responses": _answers(200, 400, 413, 415, 503, *_AUTH),
             }
@@ -269,6 +306,7 @@ def document() -> dict[str, Any]:
         "/v1/completions": {
             "post": {
                 "summary": "OpenAI text completion",
+                "description": "response_format or grammar as on /v1/chat/completions.",
                 "requestBody": _json_body("CompletionRequest"),
                 "responses": _answers(200, 400, 413, 415, 503, *_AUTH),
             }
