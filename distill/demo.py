@@ -177,20 +177,46 @@ def _short(summary: dict[str, Any]) -> str:
 def _eval_table(eval_json: Path) -> str:
     """The fidelity numbers of ``eval.json`` as a small Markdown table."""
     data = json.loads(eval_json.read_text(encoding="utf-8"))
-    ppl = data.get("perplexity", {})
+    compared = data.get("student_vs_teacher") or {}
+    before, after = compared.get("before") or {}, compared.get("after") or {}
+    teacher = data.get("teacher") or {}
     lines = [
-        "| measure | value |",
-        "| --- | --- |",
-        f"| held-out answer perplexity, student before training | {ppl.get('before')} |",
-        f"| held-out answer perplexity, student after training | {ppl.get('after')} |",
+        "| measure | teacher | student before | student after |",
+        "| --- | --- | --- | --- |",
     ]
-    for name, value in (data.get("json") or {}).items():
-        if isinstance(value, int | float):
-            lines.append(f"| JSON {name} | {value} |")
-    for row in (data.get("gguf") or {}).get("quants", []):
+    for key, label in (
+        ("answer_perplexity", "held-out answer perplexity"),
+        ("top1_agreement", "top-1 agreement with the teacher"),
+        ("mean_kl", "mean KL(teacher || student)"),
+        ("chrf", "chrF vs the teacher's answers"),
+        ("exact_match", "exact match"),
+    ):
+        ours = teacher.get(key, "") if key == "answer_perplexity" else ""
+        lines.append(f"| {label} | {ours} | {before.get(key)} | {after.get(key)} |")
+    for mode in ("free", "constrained"):
+        sides = [(side.get("json") or {}).get(mode) or {} for side in (before, after)]
+        if any(sides):
+            labelled = (teacher.get("json") or {}).get("schema_valid", "") if mode == "free" else ""
+            lines.append(
+                f"| schema-valid JSON, {mode} | {labelled} | "
+                f"{sides[0].get('schema_valid')} | {sides[1].get('schema_valid')} |"
+            )
+    ceiling = (data.get("teacher_ceiling") or {}).get("quants") or {}
+    quants = (data.get("gguf") or {}).get("quants") or {}
+    if quants:
+        lines += [
+            "",
+            "| GGUF | MiB | mean KLD | same top p % | PPL ratio | teacher's KLD / same top p "
+            "| goal |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+    for quant, row in quants.items():
+        theirs = ceiling.get(quant) or {}
+        met = (row.get("goal") or {}).get("met")
         lines.append(
-            f"| {row['quant']} ({row['mib']} MiB): top-1 agreement with the HF model / "
-            f"llama.cpp perplexity | {row.get('top1_agreement')} / {row.get('perplexity')} |"
+            f"| {quant} | {row.get('mib')} | {row.get('mean_kld')} | {row.get('same_top_p')} | "
+            f"{row.get('ppl_ratio')} | {theirs.get('mean_kld')} / {theirs.get('same_top_p')} | "
+            f"{'n/a' if met is None else 'met' if met else 'not met'} |"
         )
     return "\n".join(lines)
 
