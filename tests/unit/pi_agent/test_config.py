@@ -35,6 +35,7 @@ def test_packaged_defaults_then_file_then_flags(tmp_path: Path) -> None:
         ("[decoder]\ncache_type_k = 'q3'\n", "decoder.cache_type_k must be one of"),
         ("[metrics]\ncollectors = ['gpu']\n", "unknown collector(s) gpu"),
         ("[decoder\n", "agent.toml"),
+        ("[agent]\nmax_constraint_bytes = 0\n", "agent.max_constraint_bytes must be at least 1"),
     ],
     ids=[
         "wrong type",
@@ -44,6 +45,7 @@ def test_packaged_defaults_then_file_then_flags(tmp_path: Path) -> None:
         "unknown KV type",
         "unknown collector",
         "not TOML",
+        "no room for a schema",
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
