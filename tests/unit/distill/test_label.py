@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from distill import label as label_stage
@@ -52,6 +53,7 @@ def test_labels_every_row_in_input_order_with_provenance(tmp_path: Path, tiny_mo
         teacher=str(tiny_model),
         batch_size=3,
         max_new_tokens=6,
+        quality_gate=False,  # a random model's six tokens are no sentence
     )
     summary = label_stage.label(args)
     assert (summary.labelled, summary.rejected, summary.skipped) == (7, 0, 0)
@@ -62,7 +64,12 @@ def test_labels_every_row_in_input_order_with_provenance(tmp_path: Path, tiny_mo
     assert labeller["backend"] == "transformers"
     assert labeller["model"] == str(tiny_model)
     assert labeller["prompt_style"] == "chat"
-    assert labeller["generation"] == {"max_new_tokens": 6, "do_sample": False}
+    assert labeller["generation"] == {
+        "max_new_tokens": 6,
+        "do_sample": False,
+        "repetition_penalty": args.repetition_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+    }
     assert rows[0].metadata["provenance"]["source"] == "test"
 
 
@@ -77,6 +84,8 @@ def test_invalid_json_answers_are_retried_then_rejected_with_a_reason(
         batch_size=4,
         max_new_tokens=4,
         json_retries=2,
+        constrain_json=False,  # the retry path is what is under test
+        quality_gate=False,
     )
     summary = label_stage.label(args)
     # A randomly initialised model never writes valid JSON: every JSON row is rejected.
@@ -120,8 +129,10 @@ def test_a_json_row_fixed_by_a_retry_is_kept_with_its_attempt_count(tmp_path: Pa
     )
     summary = label_stage.label(args, teacher=teacher)
     assert (summary.labelled, summary.rejected, summary.retried) == (2, 0, 1)
-    _, retry = teacher.calls
-    assert retry[0] == ["p00"]
+    # JSON rows batch apart from free ones; the retry follows its batch.
+    first, retry, free = teacher.calls
+    assert (first[0], retry[0], free[0]) == (["p00"], ["p00"], ["p01"])
+    assert first[1].repetition_penalty == 1.0 and free[1].repetition_penalty > 1.0
     assert retry[1].do_sample and retry[1].temperature == pytest.approx(0.4)
     rows = {r.id: r for r in read_records(args.output)}
     assert rows["p00"].assistant == '{"ok": true}'
@@ -191,3 +202,55 @@ def test_bad_arguments_fail_before_anything_runs(changes: dict, message: str) ->
     values = {"input": Path("in.jsonl"), "output": Path("out.jsonl"), **changes}
     with pytest.raises(ValueError, match=message):
         LabelArgs(**values)
+
+
+def test_json_rows_are_held_to_their_schema_while_generating(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    source = prompts(tmp_path / "in.jsonl", n=6, json_every=1)
+    common = {"input": source, "teacher": str(tiny_model), "max_new_tokens": 24}
+    held = LabelArgs(output=tmp_path / "held.jsonl", json_retries=0, **common)
+    summary = label_stage.label(held)
+    assert (summary.labelled, summary.rejected) == (6, 0)
+    for row in read_records(held.output):
+        assert json.loads(row.assistant) in ({"ok": True}, {"ok": False})
+    # The same random model without the grammar never writes that object.
+    free = LabelArgs(output=tmp_path / "free.jsonl", json_retries=0, constrain_json=False, **common)
+    assert label_stage.label(free).rejected == 6
+
+
+def test_logprobs_are_recorded_per_answer_token(tmp_path: Path, tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from distill.logprobs import read_for, vocab_hash
+
+    source = prompts(tmp_path / "in.jsonl", n=5, json_every=2)
+    args = LabelArgs(
+        input=source,
+        output=tmp_path / "out.jsonl",
+        teacher=str(tiny_model),
+        max_new_tokens=24,
+        quality_gate=False,
+        json_retries=0,  # a retry samples; the greedy check below holds for first attempts
+        logprobs=5,
+    )
+    summary = label_stage.label(args)
+    assert summary.labelled == 5 and summary.logprobs == str(args.logprobs_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for row in read_records(args.output):
+        labeller = row.metadata["provenance"]["labeller"]
+        assert labeller["vocab_hash"] == vocab_hash(tokenizer)
+        assert labeller["logprobs"]["k"] == 5
+        block = read_for(row)
+        assert block is not None and block.k == 5 and block.tokens == len(block.token_ids)
+        text = tokenizer.decode(block.token_ids.tolist(), skip_special_tokens=True).strip()
+        assert text == row.assistant
+        # Greedy: every token is a best of the distribution it was picked from (bf16 ties).
+        chosen = block.top_ids == block.token_ids[:, None]
+        assert chosen.any(axis=1).all()
+        assert np.allclose(block.top_logprobs[chosen], block.top_logprobs[:, 0])
+        assert (block.top_logprobs[:, :-1] >= block.top_logprobs[:, 1:]).all()
+        assert (block.top_logprobs <= 0).all()
+        if row.requires_json:
+            # Under the grammar, the forbidden tokens have no mass: the top few hold it all.
+            assert np.exp(block.top_logprobs).sum(axis=1).min() > 0.999

@@ -1,0 +1,325 @@
+"""The labelling run: batches, retries, the quality gate, crash-safe appends, the final order."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from distill import argspec
+from distill.label.args import Answer, Generation, LabelArgs, LabelError, Teacher
+from distill.label.quality import Gate, problem
+from distill.records import (
+    Record,
+    RecordError,
+    append_rows,
+    iter_json_lines,
+    read_records,
+    repair_torn_tail,
+    write_rows_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+
+def make_teacher(args: LabelArgs) -> Teacher:
+    """The backend the arguments ask for."""
+    if args.teacher_url:
+        from distill.label.teacher_openai import OpenAITeacher
+
+        return OpenAITeacher(args)
+    from distill.label.teacher_hf import TransformersTeacher
+
+    return TransformersTeacher(args)
+
+
+@dataclass
+class Summary:
+    """What a labelling run did."""
+
+    total: int = 0
+    labelled: int = 0
+    skipped: int = 0
+    rejected: int = 0
+    retried: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    output: str = ""
+    rejects: str = ""
+    logprobs: str = ""
+    skipped_ids: list[str] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per wall-clock second of generation."""
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """For JSON output and the benchmark table."""
+        out = {
+            "total": self.total,
+            "labelled": self.labelled,
+            "skipped": self.skipped,
+            "rejected": self.rejected,
+            "rejected_by_reason": dict(self.reasons.most_common()),
+            "retried": self.retried,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            "output": self.output,
+            "rejects": self.rejects,
+        }
+        if self.logprobs:
+            out["logprobs"] = self.logprobs
+        return out
+
+
+def reason_kind(reason: str) -> str:
+    """The family of a reject reason (``repetition``, ``truncated``, ``invalid JSON``...)."""
+    return reason.split(":", 1)[0].strip()
+
+
+def _done_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows already written to an output or rejects file (after cutting a torn tail)."""
+    if not path.exists():
+        return []
+    cut = repair_torn_tail(path)
+    if cut:
+        log.warning("%s: cut a torn last line (%d bytes) left by an interrupted run", path, cut)
+    rows = []
+    for number, row in iter_json_lines(path):
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            raise RecordError(path, number, "id", "existing output row without a string id")
+        rows.append(row)
+    return rows
+
+
+def _provenance(
+    record: Record, labeller: dict[str, Any], answer: Answer, attempts: int, gen: Generation
+) -> dict[str, Any]:
+    row = record.to_dict()
+    metadata = dict(row["metadata"])
+    provenance = dict(metadata["provenance"])
+    provenance["labeller"] = {
+        **labeller,
+        "generation": gen.as_dict(),
+        "attempts": attempts,
+        "labelled_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    metadata["provenance"] = provenance
+    row["metadata"] = metadata
+    row["assistant"] = answer.text
+    return row
+
+
+def _batches(
+    teacher: Teacher, todo: list[Record], args: LabelArgs
+) -> list[tuple[list[Record], bool]]:
+    """Length-sorted batches, JSON rows apart from free ones: (rows, is_json)."""
+    # Longest first: similar lengths share a batch (less padding), and a too-long batch fails
+    # at the start, not after an hour. JSON rows batch together: the loop guards that suit prose
+    # (repetition penalty, no-repeat n-grams) would fight a grammar that must repeat quotes.
+    lengths = teacher.prompt_tokens(todo)
+    out = []
+    for is_json in (True, False):
+        group = sorted(
+            (i for i, r in enumerate(todo) if r.requires_json == is_json),
+            key=lambda i: -lengths[i],
+        )
+        for start in range(0, len(group), args.batch_size):
+            out.append(([todo[i] for i in group[start : start + args.batch_size]], is_json))
+    return out
+
+
+def label(
+    args: LabelArgs,
+    teacher: Teacher | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Summary:
+    """Label every row of ``args.input`` not yet done; return what happened.
+
+    ``teacher`` may be given (tests, benchmarks); otherwise it is built from ``args``.
+    ``progress(done, total)`` is called after each batch (the TUI uses it).
+    """
+    from tqdm import tqdm
+
+    from distill.logprobs import FIELD, append_blocks, repair
+
+    records = read_records(args.input)
+    if args.limit:
+        records = records[: args.limit]
+    summary = Summary(total=len(records), output=str(args.output), rejects=str(args.rejects_path))
+    done: set[str] = set()
+    existing_output = args.output.exists() and args.output.stat().st_size > 0
+    if existing_output and not (args.skip_existing or args.overwrite):
+        raise LabelError(
+            f"{args.output}: already holds rows; --skip-existing resumes, --overwrite replaces"
+        )
+    if args.overwrite:
+        for path in (args.output, args.rejects_path, args.logprobs_path):
+            path.unlink(missing_ok=True)
+    elif args.skip_existing:
+        written = _done_rows(args.output)
+        # Blocks appended before a crash cut the rows that would point at them.
+        cut = repair(args.logprobs_path, written)
+        if cut:
+            log.warning("%s: cut %d bytes no row points at", args.logprobs_path, cut)
+        done = {row["id"] for row in written} | {r["id"] for r in _done_rows(args.rejects_path)}
+    todo = [r for r in records if r.id not in done]
+    summary.skipped_ids = [r.id for r in records if r.id in done]
+    summary.skipped = len(summary.skipped_ids)
+    if summary.skipped:
+        log.info(
+            "skipping %d rows already labelled or rejected: %s",
+            summary.skipped,
+            ", ".join(summary.skipped_ids),
+        )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if not todo:
+        log.info("nothing to label: all %d rows are done", len(records))
+        _finish(args, records)
+        return summary
+    teacher = teacher or make_teacher(args)
+    labeller = {**teacher.describe(), "prompt_style": teacher.style, "tool": _tool_version()}
+    if args.logprobs:
+        summary.logprobs = str(args.logprobs_path)
+        labeller["logprobs"] = {
+            "k": args.logprobs,
+            "file": args.logprobs_path.name,
+            "distribution": "server top_logprobs"
+            if labeller.get("backend") == "openai"
+            else "after penalties and grammar, temperature 1",
+        }
+    log.info("teacher: %s", labeller)
+    gate = Gate(args.quality_gate, args.max_repeat_ratio, args.reject_truncated, args.language)
+    bar = tqdm(
+        total=len(todo),
+        unit="row",
+        desc="label",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+    started = time.perf_counter()
+    try:
+        for batch, is_json in _batches(teacher, todo, args):
+            base = Generation(
+                args.max_new_tokens,
+                args.do_sample,
+                args.temperature,
+                args.top_p,
+                args.seed,
+                1.0 if is_json else args.repetition_penalty,
+                0 if is_json else args.no_repeat_ngram_size,
+            )
+            good, bad, blocks = _label_batch(teacher, batch, base, args, labeller, gate, summary)
+            # Probabilities first, fsync'd: a row never points at a block that is not on disk.
+            refs = append_blocks(args.logprobs_path, [b for b in blocks if b is not None])
+            refs_iter = iter(refs)
+            for row, block in zip(good, blocks, strict=True):
+                if block is not None:
+                    row[FIELD] = next(refs_iter)
+            append_rows(args.output, good)
+            append_rows(args.rejects_path, bad)
+            summary.labelled += len(good)
+            summary.rejected += len(bad)
+            summary.seconds = time.perf_counter() - started
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{summary.tokens_per_second:.1f}", rejected=summary.rejected)
+            if progress:
+                progress(summary.labelled + summary.rejected, len(todo))
+    finally:
+        bar.close()
+    if summary.reasons:
+        log.info("rejected by reason: %s", dict(summary.reasons.most_common()))
+    _finish(args, records)
+    return summary
+
+
+def _label_batch(
+    teacher: Teacher,
+    batch: list[Record],
+    base: Generation,
+    args: LabelArgs,
+    labeller: dict[str, Any],
+    gate: Gate,
+    summary: Summary,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Any]]:
+    """Answer a batch, retrying invalid JSON answers.
+
+    Returns the labelled rows, the reject rows, and the teacher's probabilities of each labelled
+    row (None where not recorded), in the order of the labelled rows.
+    """
+    answers = teacher.answer(batch, base)
+    summary.tokens += sum(a.tokens for a in answers)
+    results: dict[str, tuple[Answer, int, Generation, str | None]] = {}
+    for record, answer in zip(batch, answers, strict=True):
+        results[record.id] = (answer, 1, base, problem(record, answer.text, answer.finished, gate))
+    for attempt in range(1, args.json_retries + 1):
+        failing = [r for r in batch if results[r.id][3] is not None and r.requires_json]
+        if not failing:
+            break
+        gen = Generation(
+            base.max_new_tokens,
+            True,
+            min(
+                args.retry_temperature * 0.5 ** (attempt - 1),
+                base.temperature if base.do_sample else args.retry_temperature,
+            ),
+            base.top_p,
+            base.seed + attempt,
+            base.repetition_penalty,
+            base.no_repeat_ngram_size,
+        )
+        summary.retried += len(failing)
+        retry_answers = teacher.answer(failing, gen)
+        summary.tokens += sum(a.tokens for a in retry_answers)
+        for record, answer in zip(failing, retry_answers, strict=True):
+            why = problem(record, answer.text, answer.finished, gate)
+            results[record.id] = (answer, attempt + 1, gen, why)
+    good, bad, blocks = [], [], []
+    for record in batch:
+        answer, attempts, gen, why = results[record.id]
+        row = _provenance(record, labeller, answer, attempts, gen)
+        if why is None:
+            good.append(row)
+            blocks.append(answer.logprobs)
+        else:
+            row.pop("assistant")
+            row["reject"] = {"reason": why, "attempts": attempts, "last_answer": answer.text}
+            bad.append(row)
+            summary.reasons[reason_kind(why)] += 1
+    return good, bad, blocks
+
+
+def _finish(args: LabelArgs, records: list[Record]) -> None:
+    """Rewrite the output in input order (atomic), rows from other inputs kept first."""
+    if not args.output.exists():
+        return
+    rows = [row for _, row in iter_json_lines(args.output)]
+    position = {r.id: i for i, r in enumerate(records)}
+    rows.sort(key=lambda row: position.get(row.get("id"), -1))
+    write_rows_atomic(args.output, rows)
+
+
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"pidistill {version('pidistill')}"
+    except PackageNotFoundError:
+        return "pidistill (source)"
+
+
+def run(args: LabelArgs) -> dict[str, Any]:
+    """The ``distill label`` stage: log the final config, label, return the summary."""
+    log.info("distill label config: %s", argspec.describe(args))
+    summary = label(args)
+    return summary.as_dict()
