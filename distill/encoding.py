@@ -9,7 +9,7 @@ labels mask the prompt, so a loss or a perplexity covers only the answer. ``dist
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,17 +101,56 @@ def encode_record(record: Record, style: str, tokenizer: Any, max_length: int) -
     )
 
 
+def encode_record_with_ids(
+    record: Record, style: str, tokenizer: Any, answer_ids: Sequence[int], max_length: int
+) -> Example | None:
+    """``render_prompt`` + exactly ``answer_ids`` (the teacher's tokens); None if no room.
+
+    Unlike :func:`encode_record` the answer is not re-tokenized and no end-of-sequence token is
+    added: position ``i`` of the answer is the teacher's token ``i``, so anything stored per
+    generated token (its top-K log-probabilities) lines up. The ids must spell the row's answer
+    (special tokens aside), else a :class:`DataError` names the row.
+    """
+    answer_ids = [int(i) for i in answer_ids]
+    spelled = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+    if spelled != (record.assistant or "").strip():
+        raise DataError(
+            f"{record.where}: the teacher's token ids spell {_clip(spelled)!r}, not the row's "
+            f"answer {_clip(record.assistant or '')!r} (answer edited after labelling, or "
+            "another tokenizer)"
+        )
+    prompt = render_prompt(record, style, tokenizer)  # type: ignore[arg-type]
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        return None
+    return Example(
+        id=record.id,
+        input_ids=prompt_ids + answer_ids[:room],
+        labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids[:room],
+        truncated=len(answer_ids) > room,
+    )
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def encode_all(
-    records: Sequence[Record], tokenizer: Any, requested_style: str, max_length: int
+    records: Sequence[Record],
+    tokenizer: Any,
+    requested_style: str,
+    max_length: int,
+    encode: Callable[[Record, str, Any, int], Example | None] = encode_record,
 ) -> tuple[list[Example], dict[str, Any]]:
-    """Encode rows; return the examples and counts (styles, truncated, dropped)."""
+    """Encode rows with ``encode``; return the examples and counts (styles, truncated, dropped)."""
     examples: list[Example] = []
     styles: dict[str, int] = {}
     dropped: list[str] = []
     for record in records:
         style = row_style(record, requested_style, tokenizer)
         styles[style] = styles.get(style, 0) + 1
-        example = encode_record(record, style, tokenizer, max_length)
+        example = encode(record, style, tokenizer, max_length)
         if example is None:
             dropped.append(record.id)
         else:

@@ -16,6 +16,7 @@ METHODS = ("lora", "dora", "qlora")
 LAYER_PATTERNS = ("even", "ends")
 AUTO_ON_OFF = ("auto", "on", "off")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOSSES = ("sft", "kd", "mix")
 # Fields whose change makes a checkpoint meaningless; --resume refuses when they differ.
 RESUME_KEYS = (
     "data",
@@ -29,6 +30,9 @@ RESUME_KEYS = (
     "max_length",
     "packing",
     "prompt_style",
+    "loss",
+    "kd_temperature",
+    "kd_weight",
 )
 
 
@@ -85,6 +89,17 @@ class TrainArgs:
         help="auto: the style each row was labelled with (chat when the tokenizer has a template)",
         choices=("auto", *PROMPT_STYLES),
     )
+    loss: str = arg(
+        "sft",
+        help="sft: cross-entropy on the teacher's answer tokens; kd: KL(teacher || student) on the "
+        "teacher's stored top-K log-probabilities (rows labelled with --logprobs); mix: "
+        "(1 - w) * sft + w * kd, rows without log-probabilities trained on sft alone",
+        choices=LOSSES,
+    )
+    kd_temperature: float = arg(
+        1.0, help="temperature T of kd and mix: both distributions softened by T, loss times T^2"
+    )
+    kd_weight: float = arg(0.5, help="mix: the weight w of the kd term, in [0, 1]")
     seed: int = arg(0, help="random seed (data order, adapter init)")
     device: str = arg("auto", help="auto, cpu, cuda or cuda:N")
     dtype: str = arg(
@@ -139,6 +154,12 @@ class TrainArgs:
             raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not self.target_modules:
             raise ValueError("target_modules: name at least one module (or all-linear)")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not self.kd_temperature > 0:
+            raise ValueError(f"kd_temperature: must be positive, got {self.kd_temperature}")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError(f"kd_weight: must be in [0, 1], got {self.kd_weight}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite at once: pick one")
         if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:

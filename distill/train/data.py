@@ -9,6 +9,8 @@ from typing import Any
 from distill.encoding import IGNORE_INDEX, Example
 from distill.records import Record
 
+IGNORE_TARGET = -1  # teacher_ids at a position (or slot) with no teacher candidate
+
 
 def pack(examples: Sequence[Example], max_length: int) -> list[list[Example]]:
     """First-fit-decreasing bins of whole examples, each bin at most ``max_length`` tokens."""
@@ -31,20 +33,24 @@ class Collator:
     """Batches of examples (padded, with an attention mask) or of packed bins.
 
     A packed row carries ``position_ids`` that restart at each example and no attention mask:
-    transformers then builds a block-diagonal causal mask, so rows never see each other.
+    transformers then builds a block-diagonal causal mask, so rows never see each other. With
+    ``teacher`` on, the batch also carries ``teacher_ids`` and ``teacher_logprobs`` [B, L, K] at
+    the positions of the tokens they describe (as ``labels``; the loss shifts both), ids -1 where
+    a position has no target (prompt, padding, a row without log-probabilities, slots past K).
     """
 
-    def __init__(self, pad_id: int, packed: bool, multiple_of: int = 1):
+    def __init__(self, pad_id: int, packed: bool, multiple_of: int = 1, teacher: bool = False):
         self.pad_id = pad_id
         self.packed = packed
         self.multiple_of = multiple_of
+        self.teacher = teacher
 
     def __call__(self, items: list[Any]) -> dict[str, Any]:
         import torch
 
+        groups = [item if self.packed else [item] for item in items]
         rows: list[tuple[list[int], list[int], list[int]]] = []
-        for item in items:
-            group = item if self.packed else [item]
+        for group in groups:
             ids: list[int] = []
             labels: list[int] = []
             positions: list[int] = []
@@ -70,7 +76,30 @@ class Collator:
             out["position_ids"] = torch.tensor(batch_pos)
         else:
             out["attention_mask"] = torch.tensor(batch_mask)
+        if self.teacher:
+            out.update(self._teacher(groups, width))
         return out
+
+    @staticmethod
+    def _teacher(groups: list[list[Any]], width: int) -> dict[str, Any]:
+        import torch
+
+        targets = [getattr(e, "teacher", None) for group in groups for e in group]
+        k = max((t.top_ids.shape[1] for t in targets if t is not None), default=1)
+        top_ids = torch.full((len(groups), width, k), IGNORE_TARGET, dtype=torch.int32)
+        top_logprobs = torch.zeros((len(groups), width, k), dtype=torch.float32)
+        for row, group in enumerate(groups):
+            offset = 0
+            for example in group:
+                target = getattr(example, "teacher", None)
+                if target is not None:
+                    start = offset + target.start
+                    end = start + target.top_ids.shape[0]
+                    kk = target.top_ids.shape[1]
+                    top_ids[row, start:end, :kk] = torch.from_numpy(target.top_ids)
+                    top_logprobs[row, start:end, :kk] = torch.from_numpy(target.top_logprobs)
+                offset += len(example.input_ids)
+        return {"teacher_ids": top_ids, "teacher_logprobs": top_logprobs}
 
 
 class ListDataset:

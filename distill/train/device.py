@@ -144,9 +144,17 @@ class Probe:
 
 
 def measure_steps(
-    model: Any, batch: dict[str, Any], steps: int, warmup: int = 1, lr: float = 1e-4
+    model: Any,
+    batch: dict[str, Any],
+    steps: int,
+    warmup: int = 1,
+    lr: float = 1e-4,
+    objective: Any = None,
 ) -> tuple[float, float]:
     """Tokens per second and peak device memory (GiB) of forward, backward and AdamW steps.
+
+    ``objective`` (a :class:`distill.train.losses.Objective`) computes the loss; by default the
+    model's own cross-entropy.
 
     The trainable weights are restored afterwards, so probing leaves the model as it was.
     """
@@ -169,7 +177,7 @@ def measure_steps(
                 if cuda:
                     torch.cuda.synchronize(device)
                 started = time.perf_counter()
-            loss = model(**batch).loss
+            loss = objective(model, batch)[0] if objective else model(**batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -185,12 +193,19 @@ def measure_steps(
     return tokens * steps / elapsed, peak
 
 
-def synthetic_batch(vocab: int, batch: int, length: int, device: str) -> dict[str, Any]:
-    """Random token ids with labels, for probing and benchmarks."""
+def synthetic_batch(
+    vocab: int, batch: int, length: int, device: str, teacher_k: int = 0
+) -> dict[str, Any]:
+    """Random token ids with labels (and K teacher candidates a position), for probes, benches."""
     import torch
 
     ids = torch.randint(0, vocab, (batch, length), device=device)
-    return {"input_ids": ids, "labels": ids.clone()}
+    out = {"input_ids": ids, "labels": ids.clone()}
+    if teacher_k:
+        out["teacher_ids"] = torch.randint(0, vocab, (batch, length, teacher_k), device=device)
+        spread = torch.randn(batch, length, teacher_k + 1, device=device)
+        out["teacher_logprobs"] = torch.log_softmax(spread, -1)[..., :teacher_k]
+    return out
 
 
 def autotune(
@@ -200,11 +215,15 @@ def autotune(
     batches: Sequence[int] = (8, 16, 24, 32, 48, 64),
     fractions: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     steps: int = 3,
+    objective: Any = None,
+    teacher_k: int = 0,
 ) -> tuple[Probe | None, list[Probe]]:
     """The fastest (batch size, checkpointed fraction) whose peak memory fits the budget.
 
-    Each candidate runs a few real training steps on random tokens; a candidate that runs out of
-    memory or exceeds the budget stops the search along its batch axis.
+    Each candidate runs a few real training steps on random tokens (with ``teacher_k`` random
+    teacher candidates a position when the ``objective`` is kd or mix, whose logits copies cost
+    memory too); a candidate that runs out of memory or exceeds the budget stops the search
+    along its batch axis.
     """
     import torch
 
@@ -214,9 +233,9 @@ def autotune(
     for fraction in fractions:
         set_checkpointing(model, fraction) if fraction else _checkpointing_off(model)
         for size in batches:
-            batch = synthetic_batch(vocab, size, length, device)
+            batch = synthetic_batch(vocab, size, length, device, teacher_k)
             try:
-                rate, peak = measure_steps(model, batch, steps)
+                rate, peak = measure_steps(model, batch, steps, objective=objective)
             except torch.cuda.OutOfMemoryError:
                 probes.append(Probe(size, fraction, 0.0, float("inf"), ok=False))
                 break

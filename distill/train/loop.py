@@ -14,20 +14,66 @@ from distill.records import atomic_write_json
 from distill.train.args import TrainArgs
 from distill.train.data import Collator, ListDataset, pack
 from distill.train.device import DevicePlan
+from distill.train.losses import Objective
 
 log = logging.getLogger(__name__)
 
 
 def last_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint of the highest step under ``checkpoints``, if any."""
     found = [p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
+def _trainer_class(objective: Objective) -> type:
+    """The transformers Trainer, its loss ``objective`` for kd and mix (sft: its own loss)."""
+    from transformers import Trainer
+
+    if not objective.uses_teacher:
+        return Trainer
+
+    class DistillTrainer(Trainer):
+        """The Trainer whose loss is :class:`Objective`, with its parts in the logs."""
+
+        # The objective returns a per-batch mean: the Trainer divides it over accumulation.
+        loss_is_scaled_for_ga = False
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._parts: dict[str, list[float]] = {}
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            loss, parts = objective(model, inputs)
+            for name, value in parts.items():
+                self._parts.setdefault(name, []).append(value)
+            return (loss, None) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if "loss" in logs:
+                for name, values in self._parts.items():
+                    logs[name] = round(sum(values) / len(values), 4)
+                self._parts = {}
+            super().log(logs, *args, **kwargs)
+
+    return DistillTrainer
+
+
 def train_loop(
-    model: Any, tokenizer: Any, args: TrainArgs, plan: DevicePlan, examples: list[Example]
+    model: Any,
+    tokenizer: Any,
+    args: TrainArgs,
+    plan: DevicePlan,
+    examples: list[Example],
+    objective: Objective | None = None,
 ) -> dict[str, Any]:
     """Run the transformers Trainer (checkpoints, resume, accumulation, schedule)."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     items: list[Any] = pack(examples, args.max_length) if plan.packing else examples
@@ -63,16 +109,25 @@ def train_loop(
         disable_tqdm=True,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
     )
-    collator = Collator(tokenizer.pad_token_id, plan.packing, multiple_of=8 if cuda else 1)
+    objective = objective or Objective()
+    collator = Collator(
+        tokenizer.pad_token_id,
+        plan.packing,
+        multiple_of=8 if cuda else 1,
+        teacher=objective.uses_teacher,
+    )
     losses: list[dict[str, float]] = []
 
     class _LogLosses(TrainerCallback):
         def on_log(self, _args: Any, state: Any, _control: Any, logs: Any = None, **_: Any) -> None:
             if logs and "loss" in logs:
-                losses.append({"step": state.global_step, "loss": round(float(logs["loss"]), 4)})
-                log.info("step %d: loss %.4f", state.global_step, logs["loss"])
+                entry = {"step": state.global_step, "loss": round(float(logs["loss"]), 4)}
+                entry.update({k: logs[k] for k in ("ce", "kd") if k in logs})
+                losses.append(entry)
+                parts = "".join(f", {k} {logs[k]:.4f}" for k in ("ce", "kd") if k in logs)
+                log.info("step %d: loss %.4f%s", state.global_step, logs["loss"], parts)
 
-    trainer = Trainer(
+    trainer = _trainer_class(objective)(
         model=model,
         args=training_args,
         train_dataset=ListDataset(items),  # type: ignore[arg-type]
@@ -101,5 +156,6 @@ def train_loop(
         "train_loss": round(float(result.training_loss), 4),
         "losses": losses,
         "train_seconds": round(elapsed, 2),
+        "seconds_per_step": round(elapsed / steps_run, 4) if steps_run else None,
         "tokens_per_second": round(steps_run * tokens_per_step / elapsed, 1) if elapsed else None,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -10,9 +11,9 @@ import time
 from typing import Any
 
 from distill.argspec import describe
-from distill.encoding import encode_all, ensure_pad_token, read_labelled
+from distill.encoding import Example, encode_all, ensure_pad_token, read_labelled
 from distill.train.args import RESUME_KEYS, TrainArgs, TrainError
-from distill.train.data import data_record
+from distill.train.data import Collator, data_record
 from distill.train.device import (
     apply_fused_kernels,
     autotune,
@@ -21,8 +22,16 @@ from distill.train.device import (
     set_checkpointing,
 )
 from distill.train.loop import train_loop
+from distill.train.losses import Objective, teacher_kl
 from distill.train.merge import merge_adapter, save_tokenizer
 from distill.train.model import add_adapters, load_model, prepare_base
+from distill.train.teacher import (
+    check_rows,
+    check_vocabulary,
+    encode_rows,
+    largest_id,
+    max_k,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +56,12 @@ def _check_run_dir(args: TrainArgs) -> None:
         if config_file.is_file():
             before = json.loads(config_file.read_text())
             now = describe(args)
+            # A checkpoint made before a field existed was made with that field's default.
+            defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
             changed = [
-                k for k in RESUME_KEYS if json.dumps(before.get(k)) != json.dumps(now.get(k))
+                k
+                for k in RESUME_KEYS
+                if json.dumps(before.get(k, defaults.get(k))) != json.dumps(now.get(k))
             ]
             if changed:
                 raise TrainError(
@@ -76,6 +89,8 @@ def run(args: TrainArgs) -> dict[str, Any]:
     heldout_rows = [r for r in records if r.split == "heldout"]
     if not train_rows:
         raise TrainError("no rows with split train in " + ", ".join(map(str, args.data)))
+    objective = Objective(args.loss, args.kd_temperature, args.kd_weight)
+    teacher = _check_teacher(args, records) if objective.uses_teacher else None
     _check_run_dir(args)
     args.output.mkdir(parents=True, exist_ok=True)
 
@@ -91,10 +106,9 @@ def run(args: TrainArgs) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
-    train_examples, train_stats = encode_all(
-        train_rows, tokenizer, args.prompt_style, args.max_length
-    )
-    heldout_examples, heldout_stats = encode_all(
+    encode = encode_rows if objective.uses_teacher else encode_all
+    train_examples, train_stats = encode(train_rows, tokenizer, args.prompt_style, args.max_length)
+    heldout_examples, heldout_stats = encode(
         heldout_rows, tokenizer, args.prompt_style, args.max_length
     )
     if not train_examples:
@@ -110,6 +124,12 @@ def run(args: TrainArgs) -> dict[str, Any]:
     longest = max(len(e.input_ids) for e in train_examples)
     plan = plan_device(args, longest)
     model = load_model(base_path, args.method, plan.device, plan.dtype)
+    top = largest_id([*train_examples, *heldout_examples])
+    if top >= model.config.vocab_size:
+        raise TrainError(
+            f"the teacher's candidates name token id {top}, past the student's "
+            f"{model.config.vocab_size} logits"
+        )
     if plan.fused_kernels:
         plan.fused_kernels = apply_fused_kernels(model)
     model = add_adapters(model, args, plan.checkpoint_fraction > 0)
@@ -126,7 +146,15 @@ def run(args: TrainArgs) -> dict[str, Any]:
             if args.gradient_checkpointing != "auto"
             else (0.0, 0.25, 0.5, 0.75, 1.0)
         )
-        best, _ = autotune(model, length, budget, batches, fractions)
+        best, _ = autotune(
+            model,
+            length,
+            budget,
+            batches,
+            fractions,
+            objective=objective,
+            teacher_k=max_k(train_examples) if objective.uses_teacher else 0,
+        )
         if best is not None:
             plan.batch_size = best.batch_size
             plan.checkpoint_fraction = best.checkpoint_fraction
@@ -134,10 +162,20 @@ def run(args: TrainArgs) -> dict[str, Any]:
     checkpointed = set_checkpointing(model, plan.checkpoint_fraction)
     log.info("device plan: %s (%d layers checkpointed)", plan.as_dict(), checkpointed)
 
-    before = answer_perplexity(model, heldout_examples, tokenizer.pad_token_id)
-    metrics = train_loop(model, tokenizer, args, plan, train_examples)
-    after = answer_perplexity(model, heldout_examples, tokenizer.pad_token_id)
+    pad = tokenizer.pad_token_id
+    before = answer_perplexity(model, heldout_examples, pad)
+    kl_before = _kl(model, train_examples, heldout_examples, pad) if teacher else {}
+    metrics = train_loop(model, tokenizer, args, plan, train_examples, objective)
+    after = answer_perplexity(model, heldout_examples, pad)
     log.info("held-out answer perplexity: %.3f before, %.3f after", before or 0, after or 0)
+    if teacher:
+        kl_after = _kl(model, train_examples, heldout_examples, pad)
+        teacher["kl_to_teacher"] = {
+            f"{part}_{when}": value
+            for when, values in (("before", kl_before), ("after", kl_after))
+            for part, value in values.items()
+        }
+        log.info("KL to the teacher's targets: %s", teacher["kl_to_teacher"])
 
     adapter_dir = args.output / "adapter"
     model.save_pretrained(adapter_dir)
@@ -159,6 +197,19 @@ def run(args: TrainArgs) -> dict[str, Any]:
         "train_data": train_stats,
         "heldout_data": heldout_stats,
         "device": plan.as_dict(),
+        "loss": {
+            "loss": args.loss,
+            **(
+                {
+                    "kd_temperature": args.kd_temperature,
+                    "kd_weight": args.kd_weight if args.loss == "mix" else 1.0,
+                    "teacher_target_share": train_stats["teacher_target_share"],
+                    **(teacher or {}),
+                }
+                if teacher is not None
+                else {}
+            ),
+        },
         "trainable_parameters": trainable,
         "total_parameters": total,
         "metrics": {
@@ -176,6 +227,7 @@ def run(args: TrainArgs) -> dict[str, Any]:
         "model": str(model_dir),
         "run_dir": str(args.output),
         "method": args.method,
+        "loss": args.loss,
         "steps": metrics["steps"],
         "train_loss": metrics["train_loss"],
         "tokens_per_second": metrics["tokens_per_second"],
@@ -184,4 +236,48 @@ def run(args: TrainArgs) -> dict[str, Any]:
         "merge_max_abs_diff": merge["max_abs_logit_diff"],
         "device": plan.device,
         "wall_seconds": record["wall_seconds"],
+    }
+
+
+def _check_teacher(args: TrainArgs, records: list[Any]) -> dict[str, Any]:
+    """Before anything is written: rows with targets, one teacher, the student's vocabulary."""
+    from transformers import AutoTokenizer
+
+    from distill.models import resolve_model
+
+    rows = check_rows(records, args.loss)
+    if rows.without:
+        log.warning(
+            "--loss mix: %d row(s) without teacher_logprobs train on cross-entropy alone",
+            len(rows.without),
+        )
+    path, _ = resolve_model(args.base_model, revision=args.revision, token=args.hf_token)
+    student = check_vocabulary(
+        rows.vocab_hash, AutoTokenizer.from_pretrained(path), args.base_model or str(path)
+    )
+    return {
+        "teacher_vocab_hash": rows.vocab_hash,
+        "student_vocab_hash": student,
+        "rows_with_targets": rows.with_targets,
+        "rows_without_targets": len(rows.without),
+    }
+
+
+# Training sequences whose KL is measured before and after: enough to see the trend, cheap.
+KL_SAMPLE = 64
+
+
+def _kl(
+    model: Any, train: list[Example], heldout: list[Example], pad_id: int
+) -> dict[str, float | None]:
+    """Mean KL(teacher || student) at T = 1 on the first training sequences and the held out."""
+    collate = Collator(pad_id, packed=False, teacher=True)
+
+    def batches(examples: list[Example]) -> list[dict[str, Any]]:
+        chosen = [e for e in examples if getattr(e, "teacher", None) is not None]
+        return [collate(chosen[i : i + 4]) for i in range(0, len(chosen), 4)]
+
+    return {
+        "train": teacher_kl(model, batches(train[:KL_SAMPLE])),
+        "heldout": teacher_kl(model, batches(heldout)),
     }

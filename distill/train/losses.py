@@ -1,0 +1,145 @@
+"""The training objectives: cross-entropy on the teacher's answer, and KL to its top-K distribution.
+
+The teacher's answers come with its top K candidates and their log-probabilities at each
+generated token (:mod:`distill.logprobs`); the rest of its mass, ``1 - sum(exp)``, is one more
+bin. The student is compared over the same K + 1 bins: its log-probabilities of the K ids and the
+log-sum-exp of every other id, so the KL needs neither the teacher's full vocabulary nor a guess
+at how the tail spreads. A temperature T softens both: the teacher's bin log-probabilities and
+the student's logits are divided by T (the teacher's bins renormalised) and the KL is multiplied
+by T² so its gradients keep their size across temperatures (Hinton et al., 2015).
+
+Alignment: a batch carries ``teacher_ids`` and ``teacher_logprobs`` [B, L, K] at the positions
+of the tokens they describe, like ``labels``; logits at position t predict token t + 1, so both
+are shifted by one inside the loss. A position without targets has ids -1 in every slot; a slot
+past a row's K (rows of different K in one batch) has id -1 too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from distill.encoding import IGNORE_INDEX
+
+
+def topk_kl(student_logits: Any, top_ids: Any, top_logprobs: Any, temperature: float = 1.0) -> Any:
+    """KL(teacher || student) over the teacher's K candidates plus a rest bin, per position.
+
+    ``student_logits`` [N, V]; ``top_ids`` [N, K] (-1: no candidate in that slot, at least one
+    valid per row); ``top_logprobs`` [N, K], natural log. Returns [N], not yet scaled by T².
+    """
+    import torch
+
+    valid = top_ids >= 0
+    # An empty slot points at the row's first candidate: scattering or gathering it is harmless.
+    ids = torch.where(valid, top_ids, top_ids[:, :1]).long()
+    teacher = top_logprobs.float().masked_fill(~valid, float("-inf"))
+    rest = (1.0 - teacher.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+    teacher_bins = torch.cat([teacher, rest.log()], dim=-1) / temperature
+    teacher_log = torch.log_softmax(teacher_bins, dim=-1)
+
+    z = student_logits.float() / temperature
+    total = torch.logsumexp(z, dim=-1, keepdim=True)
+    student_top = z.gather(-1, ids) - total
+    others = z.scatter(-1, ids, float("-inf"))
+    student_rest = torch.logsumexp(others, dim=-1, keepdim=True) - total
+    student_log = torch.cat([student_top.masked_fill(~valid, 0.0), student_rest], dim=-1)
+
+    p = teacher_log.exp()
+    # Bins the teacher gives no mass (empty slots, a rest of zero) add nothing: 0 * log 0 = 0.
+    terms = torch.where(p > 0, p * (teacher_log - student_log), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the training step minimises: ``sft``, ``kd`` or ``mix`` (see :mod:`.losses`)."""
+
+    loss: str = "sft"
+    temperature: float = 1.0
+    weight: float = 0.5
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether batches must carry the teacher's targets."""
+        return self.loss in ("kd", "mix")
+
+    def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+        """The loss of one batch and its parts (``ce``, ``kd``: floats, for the logs)."""
+        if not self.uses_teacher:
+            out = model(**batch)
+            return out.loss, {"ce": float(out.loss.detach())}
+        inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+        # No labels: the model returns logits (Liger's fused cross-entropy would skip them).
+        logits = model(**inputs).logits
+        return self.from_logits(
+            logits, batch["labels"], batch["teacher_ids"], batch["teacher_logprobs"]
+        )
+
+    def from_logits(
+        self, logits: Any, labels: Any, teacher_ids: Any, teacher_logprobs: Any
+    ) -> tuple[Any, dict[str, float]]:
+        """The loss from logits [B, L, V] and targets at token positions [B, L(, K)]."""
+        import torch
+
+        shifted = logits[:, :-1]
+        ids = teacher_ids[:, 1:]
+        has_target = ids[..., 0] >= 0
+        if bool(has_target.any()):
+            kl = topk_kl(
+                shifted[has_target],
+                ids[has_target],
+                teacher_logprobs[:, 1:][has_target],
+                self.temperature,
+            )
+            kd = kl.mean() * self.temperature**2
+        else:  # a batch of rows without targets (mix): the graph stays, the term is zero
+            kd = shifted.sum() * 0.0
+        parts = {"kd": float(kd.detach())}
+        if self.loss == "kd":
+            return kd, parts
+        target = labels[:, 1:]
+        ce = torch.nn.functional.cross_entropy(
+            shifted.float().reshape(-1, shifted.size(-1)),
+            target.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+        )
+        parts["ce"] = float(ce.detach())
+        return (1.0 - self.weight) * ce + self.weight * kd, parts
+
+
+TARGET_KEYS = ("labels", "teacher_ids", "teacher_logprobs")
+
+
+def teacher_kl(model: Any, batches: list[dict[str, Any]], temperature: float = 1.0) -> float | None:
+    """Mean KL(teacher || student) per answer token with targets, over collated batches.
+
+    Unscaled by T²; at T = 1 it is the KL the student is trained down. None without targets.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+                logits = model(**inputs).logits[:, :-1]
+                ids = batch["teacher_ids"][:, 1:]
+                has_target = ids[..., 0] >= 0
+                if not bool(has_target.any()):
+                    continue
+                kl = topk_kl(
+                    logits[has_target],
+                    ids[has_target],
+                    batch["teacher_logprobs"][:, 1:][has_target],
+                    temperature,
+                )
+                total += float(kl.sum())
+                count += int(kl.numel())
+    finally:
+        model.train(was_training)
+    return round(total / count, 5) if count else None
