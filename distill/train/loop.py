@@ -35,12 +35,15 @@ def _trainer_class(objective: Objective) -> type:
     class DistillTrainer(Trainer):
         """The Trainer whose loss is :class:`Objective`, with its parts in the logs."""
 
-        # The objective returns a per-batch mean: the Trainer divides it over accumulation.
+        # The objective returns a per-batch mean: the Trainer divides it over accumulation
+        # (loss_is_scaled_for_ga says so since transformers 5.2x; model_accepts_loss_kwargs
+        # False says so before, and keeps the model from being handed num_items_in_batch).
         loss_is_scaled_for_ga = False
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._parts: dict[str, list[float]] = {}
+            self.model_accepts_loss_kwargs = False
+            self._parts: dict[str, list[Any]] = {}
 
         def compute_loss(
             self,
@@ -57,7 +60,7 @@ def _trainer_class(objective: Objective) -> type:
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if "loss" in logs:
                 for name, values in self._parts.items():
-                    logs[name] = round(sum(values) / len(values), 4)
+                    logs[name] = round(float(sum(values)) / len(values), 4)
                 self._parts = {}
             super().log(logs, *args, **kwargs)
 

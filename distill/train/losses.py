@@ -64,11 +64,14 @@ class Objective:
         """Whether batches must carry the teacher's targets."""
         return self.loss in ("kd", "mix")
 
-    def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
-        """The loss of one batch and its parts (``ce``, ``kd``: floats, for the logs)."""
+    def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """The loss of one batch and its parts (``ce``, ``kd``: detached tensors, for the logs).
+
+        The parts stay tensors so that a step never waits for the device just to log them.
+        """
         if not self.uses_teacher:
             out = model(**batch)
-            return out.loss, {"ce": float(out.loss.detach())}
+            return out.loss, {"ce": out.loss.detach()}
         inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
         # No labels: the model returns logits (Liger's fused cross-entropy would skip them).
         logits = model(**inputs).logits
@@ -78,7 +81,7 @@ class Objective:
 
     def from_logits(
         self, logits: Any, labels: Any, teacher_ids: Any, teacher_logprobs: Any
-    ) -> tuple[Any, dict[str, float]]:
+    ) -> tuple[Any, dict[str, Any]]:
         """The loss from logits [B, L, V] and targets at token positions [B, L(, K)]."""
         import torch
 
@@ -95,7 +98,7 @@ class Objective:
             kd = kl.mean() * self.temperature**2
         else:  # a batch of rows without targets (mix): the graph stays, the term is zero
             kd = shifted.sum() * 0.0
-        parts = {"kd": float(kd.detach())}
+        parts = {"kd": kd.detach()}
         if self.loss == "kd":
             return kd, parts
         target = labels[:, 1:]
@@ -104,7 +107,7 @@ class Objective:
             target.reshape(-1),
             ignore_index=IGNORE_INDEX,
         )
-        parts["ce"] = float(ce.detach())
+        parts["ce"] = ce.detach()
         return (1.0 - self.weight) * ce + self.weight * kd, parts
 
 

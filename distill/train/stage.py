@@ -152,7 +152,7 @@ def run(args: TrainArgs) -> dict[str, Any]:
             budget,
             batches,
             fractions,
-            objective=objective,
+            objective=objective if objective.uses_teacher else None,
             teacher_k=max_k(train_examples) if objective.uses_teacher else 0,
         )
         if best is not None:

@@ -72,7 +72,7 @@ def test_the_objective_scales_by_t_squared_and_mixes_with_cross_entropy() -> Non
     assert float(kd) == pytest.approx(4.0 * expected_kl(case), rel=1e-5)
     ce = -math.log(math.exp(1.0) / sum(math.exp(z) for z in case.logits))
     mix, parts = Objective("mix", 2.0, 0.25).from_logits(logits, labels, ids, logprobs)
-    assert parts["ce"] == pytest.approx(ce, rel=1e-5)
+    assert float(parts["ce"]) == pytest.approx(ce, rel=1e-5)
     assert float(mix) == pytest.approx(0.75 * ce + 0.25 * 4.0 * expected_kl(case), rel=1e-5)
 
 
