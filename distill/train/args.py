@@ -33,6 +33,8 @@ RESUME_KEYS = (
     "loss",
     "kd_temperature",
     "kd_weight",
+    "teacher_model",
+    "on_policy",
 )
 
 
@@ -100,6 +102,18 @@ class TrainArgs:
         1.0, help="temperature T of kd and mix: both distributions softened by T, loss times T^2"
     )
     kd_weight: float = arg(0.5, help="mix: the weight w of the kd term, in [0, 1]")
+    teacher_model: str | None = arg(
+        None,
+        help="on-policy (--on-policy): the teacher loaded here to score the student's samples "
+        "(local dir, hub id or embedded:...; its vocabulary must be the student's)",
+    )
+    on_policy: float = arg(
+        0.0,
+        help="kd/mix: the share of batches whose answers the student samples and --teacher-model "
+        "scores (GKD); 0: every batch on the labelled answers",
+    )
+    on_policy_max_new_tokens: int = arg(128, help="on-policy: most tokens a sampled answer has")
+    on_policy_temperature: float = arg(1.0, help="on-policy: the student's sampling temperature")
     seed: int = arg(0, help="random seed (data order, adapter init)")
     device: str = arg("auto", help="auto, cpu, cuda or cuda:N")
     dtype: str = arg(
@@ -160,6 +174,14 @@ class TrainArgs:
             raise ValueError(f"kd_temperature: must be positive, got {self.kd_temperature}")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise ValueError(f"kd_weight: must be in [0, 1], got {self.kd_weight}")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise ValueError(f"on_policy: a share of batches in [0, 1], got {self.on_policy}")
+        if self.on_policy > 0 and self.loss == "sft":
+            raise ValueError("--on-policy needs --loss kd or mix (the teacher's scores are a KL)")
+        if self.on_policy > 0 and not self.teacher_model:
+            raise ValueError("--on-policy needs --teacher-model, the teacher to score samples")
+        if self.on_policy_max_new_tokens < 1 or not self.on_policy_temperature > 0:
+            raise ValueError("on_policy_max_new_tokens and on_policy_temperature must be positive")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite at once: pick one")
         if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:

@@ -15,6 +15,7 @@ from distill.train.args import TrainArgs
 from distill.train.data import Collator, ListDataset, pack
 from distill.train.device import DevicePlan
 from distill.train.losses import Objective
+from distill.train.onpolicy import OnPolicy
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,17 @@ def last_checkpoint(checkpoints: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
-def _trainer_class(objective: Objective) -> type:
-    """The transformers Trainer, its loss ``objective`` for kd and mix (sft: its own loss)."""
+def _trainer_class(objective: Objective, on_policy: OnPolicy | None = None) -> type:
+    """The transformers Trainer, its loss ``objective`` for kd and mix (sft: its own loss).
+
+    With ``on_policy``, a drawn share of the batches is rebuilt on the student's samples and
+    trained on the KD term alone (see :mod:`distill.train.onpolicy`).
+    """
     from transformers import Trainer
 
     if not objective.uses_teacher:
         return Trainer
+    kd_only = Objective("kd", objective.temperature)
 
     class DistillTrainer(Trainer):
         """The Trainer whose loss is :class:`Objective`, with its parts in the logs."""
@@ -52,7 +58,20 @@ def _trainer_class(objective: Objective) -> type:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            loss, parts = objective(model, inputs)
+            if on_policy is not None and model.training and on_policy.draw():
+                rebuilt = on_policy.batch(model, inputs)
+                logits = model(
+                    input_ids=rebuilt["input_ids"], attention_mask=rebuilt["attention_mask"]
+                ).logits
+                loss, parts = kd_only.from_logits(
+                    logits,
+                    rebuilt["labels"],
+                    rebuilt["teacher_ids"],
+                    rebuilt["teacher_logprobs"],
+                )
+                parts = {"kd_on_policy": parts["kd"]}
+            else:
+                loss, parts = objective(model, inputs)
             for name, value in parts.items():
                 self._parts.setdefault(name, []).append(value)
             return (loss, None) if return_outputs else loss
@@ -74,6 +93,7 @@ def train_loop(
     plan: DevicePlan,
     examples: list[Example],
     objective: Objective | None = None,
+    on_policy: OnPolicy | None = None,
 ) -> dict[str, Any]:
     """Run the transformers Trainer (checkpoints, resume, accumulation, schedule)."""
     from transformers import TrainerCallback, TrainingArguments
@@ -125,12 +145,13 @@ def train_loop(
         def on_log(self, _args: Any, state: Any, _control: Any, logs: Any = None, **_: Any) -> None:
             if logs and "loss" in logs:
                 entry = {"step": state.global_step, "loss": round(float(logs["loss"]), 4)}
-                entry.update({k: logs[k] for k in ("ce", "kd") if k in logs})
+                names = ("ce", "kd", "kd_on_policy")
+                entry.update({k: logs[k] for k in names if k in logs})
                 losses.append(entry)
-                parts = "".join(f", {k} {logs[k]:.4f}" for k in ("ce", "kd") if k in logs)
+                parts = "".join(f", {k} {logs[k]:.4f}" for k in names if k in logs)
                 log.info("step %d: loss %.4f%s", state.global_step, logs["loss"], parts)
 
-    trainer = _trainer_class(objective)(
+    trainer = _trainer_class(objective, on_policy)(
         model=model,
         args=training_args,
         train_dataset=ListDataset(items),  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ from distill.train.loop import train_loop
 from distill.train.losses import Objective, teacher_kl
 from distill.train.merge import merge_adapter, save_tokenizer
 from distill.train.model import add_adapters, load_model, prepare_base
+from distill.train.onpolicy import OnPolicy, load_teacher, stop_ids
 from distill.train.teacher import (
     check_rows,
     check_vocabulary,
@@ -123,6 +124,10 @@ def run(args: TrainArgs) -> dict[str, Any]:
 
     longest = max(len(e.input_ids) for e in train_examples)
     plan = plan_device(args, longest)
+    if args.on_policy and plan.packing:
+        # A rebuilt batch takes each row's prompt; packed rows hold several prompts each.
+        log.info("packing off: --on-policy samples an answer per row, rows are not packed")
+        plan.packing = False
     model = load_model(base_path, args.method, plan.device, plan.dtype)
     top = largest_id([*train_examples, *heldout_examples])
     if top >= model.config.vocab_size:
@@ -163,9 +168,28 @@ def run(args: TrainArgs) -> dict[str, Any]:
     log.info("device plan: %s (%d layers checkpointed)", plan.as_dict(), checkpointed)
 
     pad = tokenizer.pad_token_id
+    on_policy = None
+    if args.on_policy and teacher is not None:
+        teacher_model, _, source = load_teacher(
+            args.teacher_model or "", plan.device, plan.dtype, None, args.hf_token
+        )
+        on_policy = OnPolicy(
+            teacher_model,
+            args.on_policy,
+            k=max_k(train_examples) or 20,
+            pad_id=pad,
+            stop_ids=stop_ids(tokenizer),
+            max_new_tokens=args.on_policy_max_new_tokens,
+            temperature=args.on_policy_temperature,
+            seed=args.seed,
+        )
+        teacher["on_policy_teacher"] = source
     before = answer_perplexity(model, heldout_examples, pad)
     kl_before = _kl(model, train_examples, heldout_examples, pad) if teacher else {}
-    metrics = train_loop(model, tokenizer, args, plan, train_examples, objective)
+    metrics = train_loop(model, tokenizer, args, plan, train_examples, objective, on_policy)
+    if on_policy is not None and teacher is not None:
+        teacher["on_policy"] = on_policy.record()
+        del on_policy, teacher_model
     after = answer_perplexity(model, heldout_examples, pad)
     log.info("held-out answer perplexity: %.3f before, %.3f after", before or 0, after or 0)
     if teacher:
@@ -243,6 +267,7 @@ def _check_teacher(args: TrainArgs, records: list[Any]) -> dict[str, Any]:
     """Before anything is written: rows with targets, one teacher, the student's vocabulary."""
     from transformers import AutoTokenizer
 
+    from distill.logprobs import vocab_hash
     from distill.models import resolve_model
 
     rows = check_rows(records, args.loss)
@@ -255,6 +280,14 @@ def _check_teacher(args: TrainArgs, records: list[Any]) -> dict[str, Any]:
     student = check_vocabulary(
         rows.vocab_hash, AutoTokenizer.from_pretrained(path), args.base_model or str(path)
     )
+    if args.on_policy and args.teacher_model:
+        teacher_path, _ = resolve_model(args.teacher_model, token=args.hf_token)
+        scorer = vocab_hash(AutoTokenizer.from_pretrained(teacher_path))
+        if scorer != student:
+            raise TrainError(
+                f"--teacher-model {args.teacher_model}: its vocabulary ({scorer}) is not the "
+                f"student's ({student}); scoring the student's samples needs the same token ids"
+            )
     return {
         "teacher_vocab_hash": rows.vocab_hash,
         "student_vocab_hash": student,

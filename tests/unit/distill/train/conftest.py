@@ -111,3 +111,20 @@ def write_kd_labelled(path: Path, model_dir: Path, n: int = 12, new_tokens: int 
 def kd_data(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Twelve rows (three held out), every one with the teacher's top-8 log-probabilities."""
     return write_kd_labelled(tmp_path_factory.mktemp("kd") / "labelled.jsonl", tiny_model)
+
+
+@pytest.fixture(scope="session")
+def sharp_teacher(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its output layer scaled by 1 / TEACHER_TEMP: the kd_data teacher."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("sharp")
+    shutil.copytree(tiny_model, out, dirs_exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1 / TEACHER_TEMP)
+    model.save_pretrained(out)
+    return out

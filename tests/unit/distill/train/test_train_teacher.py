@@ -59,7 +59,18 @@ def test_the_package_imports_without_torch() -> None:
 
     modules = ", ".join(
         f"distill.train.{m}"
-        for m in ("args", "data", "device", "loop", "losses", "merge", "model", "stage", "teacher")
+        for m in (
+            "args",
+            "data",
+            "device",
+            "loop",
+            "losses",
+            "merge",
+            "model",
+            "onpolicy",
+            "stage",
+            "teacher",
+        )
     )
     loaded = "'torch' in sys.modules, 'distill.evaluate' in sys.modules"
     code = f"import sys, {modules}; print({loaded})"
