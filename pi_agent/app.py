@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 PENDING = "pending-switch.json"
 _VERSION_PATH = re.compile(r"^/v1/models/([^/]+)(/activate)?$")
 _BLOB_PATH = re.compile(r"^/v1/blobs/([^/]*)$")
+# How llama-server's errors about a schema or a grammar begin or read (tools/server at 0c1e570).
+_CONSTRAINT_ERROR = re.compile(r"json[_ ]schema|grammar", re.IGNORECASE)
 Route = Callable[[Request], Awaitable[AnyResponse]]
 
 
@@ -370,15 +372,17 @@ class Agent:
             raise HTTPError(
                 503, f"the {role} closed the connection", {"Retry-After": "1"}
             ) from None
-        if upstream.status == 500 and constrained:
-            # llama-server answers 500 to some schemas and grammars it cannot turn into a grammar
-            # (an exception other than invalid_argument): the request's to fix, in its words.
-            message = _upstream_message(data)
-            if message:
-                raise HTTPError(400, f"llama-server refused the constraint: {message}")
+        message = _upstream_message(data) if upstream.status >= 500 else ""
+        if upstream.status == 500 and constrained and _CONSTRAINT_ERROR.search(message):
+            # Some schemas and grammars llama-server cannot convert come back as a 500 (an
+            # exception other than invalid_argument): the request's to fix, in its words. Other
+            # 500s of a constrained request, such as its chat parser failing on the model's
+            # output, are llama-server's and stay a 502.
+            raise HTTPError(400, f"llama-server refused the constraint: {message}")
         if upstream.status >= 500:
             log.warning("%s answered %d: %s", role, upstream.status, data[:200])
-            raise HTTPError(502, f"the {role} failed ({upstream.status})")
+            reason = f": {message}" if message else ""
+            raise HTTPError(502, f"the {role} failed ({upstream.status}){reason}")
         return Response(upstream.status, data, ctype)
 
     async def _generate(self, request: Request, schema: str, path: str) -> AnyResponse:

@@ -269,3 +269,89 @@ def test_bench_cli_gate_passes_and_fails(tmp_path: Path, llama_tools, pi_agent_t
     )
     assert failed.returncode == 1, failed.stdout
     assert "gate failed" in failed.stderr
+
+
+# Structured output: the real llama-server holds the random tiny model to a schema or a grammar.
+
+# The name's characters are bounded too: a free string lets the random model pick byte tokens
+# that make no UTF-8 (0xFE), and llama-server's chat parser then fails on its own constrained
+# output (a 500, about one chat in four with {"type": "string", "maxLength": 12}).
+PERSON = {
+    "type": "object",
+    "properties": {
+        "nom": {"type": "string", "pattern": "^[A-Za-zéèÉ' -]{1,12}$"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "saison": {"enum": ["hiver", "printemps", "été", "automne"]},
+    },
+    "required": ["nom", "age", "saison"],
+    "additionalProperties": False,
+}
+ASK = [{"role": "user", "content": "Décris une personne en JSON: nom, âge pis saison préférée."}]
+SAMPLES = 20
+
+
+def schema_valid(text: str | None, schema: dict) -> bool:
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text or ""), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def test_a_json_schema_response_format_gives_valid_json(client) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "personne", "schema": PERSON}}
+    held, free = [], []
+    for seed in range(SAMPLES):
+        common = {"model": "tiny", "messages": ASK, "max_tokens": 128, "seed": seed,
+                  "temperature": 1.0}  # fmt: skip
+        held.append(client.chat.completions.create(**common, response_format=fmt))
+        free.append(client.chat.completions.create(**common))
+    valid_held = sum(schema_valid(r.choices[0].message.content, PERSON) for r in held)
+    valid_free = sum(schema_valid(r.choices[0].message.content, PERSON) for r in free)
+    print(f"schema-valid answers of the random tiny model: {valid_held}/{SAMPLES} with "
+          f"response_format, {valid_free}/{SAMPLES} without")  # fmt: skip
+    assert valid_held == SAMPLES, [r.choices[0].message.content for r in held]
+    assert valid_free <= SAMPLES // 2  # the constraint, not the model, makes the JSON
+
+
+def test_a_streamed_answer_follows_the_schema_too(agent: AgentProcess) -> None:
+    body = {"messages": ASK, "max_tokens": 128, "seed": 3, "stream": True,
+            "response_format": {"type": "json_object", "schema": PERSON}}  # fmt: skip
+    status, headers, raw = agent.request("POST", "/v1/chat/completions", body, timeout=60)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert schema_valid(text, PERSON), text
+
+
+def test_a_grammar_holds_a_text_completion(agent: AgentProcess) -> None:
+    answers = set()
+    for seed in range(6):
+        status, body = agent.json("POST", "/v1/completions", {
+            "prompt": "Fait-il froid? ", "grammar": 'root ::= "oui" | "non" | "pantoute"',
+            "max_tokens": 8, "seed": seed, "temperature": 1.0,
+        })  # fmt: skip
+        assert status == 200, body
+        answers.add(body["choices"][0]["text"])
+    assert answers <= {"oui", "non", "pantoute"} and answers
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_what_llama_server_cannot_take_is_a_400_in_its_words(
+    agent: AgentProcess, path: str
+) -> None:
+    base = {"messages": ASK} if path.endswith("chat/completions") else {"prompt": "Allô"}
+    # Valid JSON Schema (jsonschema does not resolve references), no grammar for llama-server.
+    dangling = {"type": "object", "properties": {"a": {"$ref": "#/$defs/absent"}}}
+    cases = [
+        ({"response_format": {"type": "json_object", "schema": dangling}}, "cannot resolve $ref"),
+        ({"grammar": "root ::= ("}, "grammar"),
+    ]
+    for given, words in cases:
+        status, answer = agent.json("POST", path, {**base, **given, "max_tokens": 4})
+        assert status == 400, answer
+        assert words in answer["error"]["message"], answer
+    assert agent.request("GET", "/readyz")[0] == 200

@@ -5,7 +5,8 @@ answers each completion with the JSON body it received, so a test sees what the 
 
 A completion whose ``grammar`` is ``root ::= "fail"`` gets the 500 that llama-server answers to a
 constraint it cannot convert (an exception other than ``invalid_argument``); the prompt ``fail``
-gets the same 500 without a constraint.
+gets the same 500 without a constraint, and the prompt ``parser`` the 500 of llama-server's chat
+parser failing on the model's output (whatever the constraint).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class Handler(BaseHTTPRequestHandler):
         received = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if received.get("grammar") == FAIL_GRAMMAR or received.get("prompt") == "fail":
             message = "JSON schema conversion failed:\nstub: no grammar for this"
+            self._answer(500, {"error": {"code": 500, "message": message, "type": "server_error"}})
+            return
+        if received.get("prompt") == "parser":
+            message = "The model produced output that does not match the expected peg-native format"
             self._answer(500, {"error": {"code": 500, "message": message, "type": "server_error"}})
             return
         self._answer(200, {"object": "echo", "path": self.path, "received": received})

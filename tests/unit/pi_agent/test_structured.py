@@ -358,9 +358,14 @@ def test_a_constraint_llama_server_cannot_convert_is_400_in_its_words(agent: Age
         "llama-server refused the constraint: JSON schema conversion failed: "
         "stub: no grammar for this"
     )
-    # Without a constraint, the same failure stays llama-server's: a 502.
+    # Without a constraint, the same failure stays llama-server's: a 502, in its words.
     status, answer = agent.json("POST", "/v1/completions", {"prompt": FAIL_PROMPT})
     assert status == 502 and answer["error"]["type"] == "server_error"
+    assert answer["error"]["message"].startswith("the decoder failed (500): JSON schema")
+    # A constrained request whose output llama-server fails to parse: llama-server's fault.
+    status, answer = agent.json("POST", "/v1/completions", {
+        "prompt": "parser", "response_format": {"type": "json_object"}})  # fmt: skip
+    assert status == 502 and "peg-native" in answer["error"]["message"]
 
 
 def test_the_published_schema_describes_the_constraints(agent: AgentProcess) -> None:
