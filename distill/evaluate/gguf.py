@@ -71,27 +71,34 @@ def parse_kld_output(output: str) -> dict[str, Any]:
     """The KL-divergence statistics of a ``llama-perplexity --kl-divergence`` run's output.
 
     ``same_top_p`` is a percentage, ``mean_kld`` in nats per token; each measure has its
-    standard error as ``<name>_unc``. Under 100 scored tokens llama-perplexity prints no final
-    statistics: the last chunk's running values stand in (``final: false``), the PPL ratio from
-    its logarithm. Non-finite values (an overflowing model) become None.
+    standard error as ``<name>_unc``. The final statistics are read when they are all there
+    (``source: statistics``); else the last chunk's line, whose running values are the same
+    means over every token (``source: last chunk``; the PPL ratio from its logarithm, no
+    percentiles). llama-perplexity prints no final statistics under 100 scored tokens, and at
+    the pinned commit its asynchronous logger can lose the tail of the output at exit: a line
+    for the last chunk is then required, else the output is refused (ValueError). Non-finite
+    values (an overflowing model) become None.
     """
     chunks = _CHUNK.findall(output)
+    announced = re.search(r"computing over (\d+) chunks", output)
+    expected = int(announced.group(1)) if announced else None
     found = {key: re.search(pattern, output) for key, pattern in _SUMMARY.items()}
     if all(found.values()):
-        result: dict[str, Any] = {"final": True}
+        result: dict[str, Any] = {"source": "statistics"}
         for key, match in found.items():
             result[key] = _finite(match.group(1))  # type: ignore[union-attr]
             result[f"{key}_unc"] = _finite(match.group(2))  # type: ignore[union-attr]
         for key, pattern in _PERCENTILES.items():
             match = re.search(pattern, output)
             result[key] = _finite(match.group(1)) if match else None
-    elif chunks:
+    elif chunks and (expected is None or int(chunks[-1][0]) == expected):
         last = chunks[-1]
         ppl, ppl_unc, ln_ratio, ln_ratio_unc, kld, kld_unc = last[1:7]
         same, same_unc = last[9:11]
-        ratio = math.exp(float(ln_ratio)) if math.isfinite(float(ln_ratio)) else math.nan
+        log_ratio = float(ln_ratio)
+        ratio = math.exp(log_ratio) if math.isfinite(log_ratio) else math.nan
         result = {
-            "final": False,
+            "source": "last chunk",
             "ppl": _finite(ppl),
             "ppl_unc": _finite(ppl_unc),
             "ppl_base": None,
@@ -105,9 +112,13 @@ def parse_kld_output(output: str) -> dict[str, Any]:
         }
         if result["ppl"] is not None and result["ppl_ratio"]:
             result["ppl_base"] = round(result["ppl"] / result["ppl_ratio"], 6)
+    elif chunks:
+        raise ValueError(
+            f"the output stops at chunk {chunks[-1][0]} of {expected} (its tail was lost)"
+        )
     else:
         raise ValueError("no KL-divergence statistics in llama-perplexity's output")
-    result["chunks"] = int(chunks[-1][0]) if chunks else None
+    result["chunks"] = int(chunks[-1][0]) if chunks else expected
     return result
 
 
@@ -129,26 +140,35 @@ def save_base_logits(
     cmd = _perplexity_cmd(tool, model, ctx, threads)
     cmd += ["-f", str(text_file), "--kl-divergence-base", str(logits_file)]
     result = run_tool(cmd)
-    output = result.stdout + "\n" + result.stderr
-    # llama-perplexity exits 0 when the text is too short, leaving a header-only file.
-    if "Final estimate" not in output and not re.search(r"\[\d+\]", output):
-        raise EvalError(f"{' '.join(cmd)}: no perplexity computed:\n{_tail(output)}")
+    # A text too short for two chunks still exits 0, leaving the 12-byte header alone (magic
+    # and n_ctx); the vocabulary size, chunk count and tokens follow only after a real run.
+    if not logits_file.is_file() or logits_file.stat().st_size <= 20:
+        output = result.stdout + "\n" + result.stderr
+        raise EvalError(f"{' '.join(cmd)}: no log-probabilities saved:\n{_tail(output)}")
 
 
 def kl_divergence(
-    tool: Path, model: Path, logits_file: Path, ctx: int, threads: int | None
+    tool: Path, model: Path, logits_file: Path, ctx: int, threads: int | None, tries: int = 3
 ) -> dict[str, Any]:
-    """``llama-perplexity --kl-divergence`` of a GGUF against saved base log-probabilities."""
+    """``llama-perplexity --kl-divergence`` of a GGUF against saved base log-probabilities.
+
+    An output whose tail was lost (see :func:`parse_kld_output`) is run again, ``tries`` times
+    in all.
+    """
     from distill.llamacpp import run as run_tool
 
     cmd = _perplexity_cmd(tool, model, ctx, threads)
     cmd += ["--kl-divergence-base", str(logits_file), "--kl-divergence"]
-    result = run_tool(cmd)
-    output = result.stdout + "\n" + result.stderr
-    try:
-        return parse_kld_output(output)
-    except ValueError as err:
-        raise EvalError(f"{' '.join(cmd)}: {err}:\n{_tail(output)}") from None
+    for attempt in range(1, tries + 1):
+        result = run_tool(cmd)
+        output = result.stdout + "\n" + result.stderr
+        try:
+            return parse_kld_output(output)
+        except ValueError as err:
+            if attempt == tries or "tail was lost" not in str(err):
+                raise EvalError(f"{' '.join(cmd)}: {err}:\n{_tail(output)}") from None
+            log.warning("%s: %s; running it again", model.name, err)
+    raise AssertionError("unreachable")
 
 
 def measure(

@@ -11,8 +11,58 @@ import pytest
 from distill.evaluate import EvalError
 from distill.evaluate.gguf import ceiling_dir, fit_ctx, heldout_text, meets_goal, parse_kld_output
 
-# The tail of a real `llama-perplexity --kl-divergence` run at the pinned commit (filled below).
-FINAL_OUTPUT = None
+# A real `llama-perplexity --kl-divergence` run at the pinned commit: the embedded teacher's Q8_0
+# against its F16 over 25 held-out rows (stderr's two lines first, chunks 1-17 left out).
+TEACHER_Q8_0 = """\
+0.02.234.019 I kl_divergence: computing over 20 chunks, n_ctx=256, batch_size=256, n_seq=1
+0.12.154.291 I kl_divergence: 9.92 seconds per pass - ETA 3.30 minutes
+
+chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence              Δp RMS            Same top p
+  18      12.8082 ±    0.8554       0.01205 ±    0.00330       0.00589 ±    0.00024     1.911 ±  0.095 %    95.801 ±  0.420 %
+  19      11.3940 ±    0.7339       0.01174 ±    0.00313       0.00566 ±    0.00022     1.892 ±  0.091 %    95.980 ±  0.400 %
+  20      10.8078 ±    0.6741       0.01074 ±    0.00300       0.00565 ±    0.00022     1.922 ±  0.088 %    96.024 ±  0.388 %
+
+====== Perplexity statistics ======
+Mean PPL(Q)                   :  10.807760 ±   0.674101
+Mean PPL(base)                :  10.692321 ±   0.662527
+Cor(ln(PPL(Q)), ln(PPL(base))):  99.89%
+Mean ln(PPL(Q)/PPL(base))     :   0.010739 ±   0.002997
+Mean PPL(Q)/PPL(base)         :   1.010796 ±   0.003029
+Mean PPL(Q)-PPL(base)         :   0.115440 ±   0.033947
+
+====== KL divergence statistics ======
+Mean    KLD:   0.005648 ±   0.000219
+Maximum KLD:   0.366234
+99.9%   KLD:   0.091631
+99.0%   KLD:   0.040410
+95.0%   KLD:   0.019068
+90.0%   KLD:   0.012339
+Median  KLD:   0.003342
+10.0%   KLD:   0.000096
+ 5.0%   KLD:   0.000025
+ 1.0%   KLD:   0.000004
+ 0.1%   KLD:  -0.000000
+Minimum KLD:  -0.000003
+
+====== Token probability statistics ======
+Mean    Δp: -0.101 ± 0.038 %
+Maximum Δp: 12.450%
+99.9%   Δp: 11.415%
+99.0%   Δp:  6.365%
+95.0%   Δp:  2.573%
+90.0%   Δp:  1.259%
+75.0%   Δp:  0.171%
+Median  Δp: -0.001%
+25.0%   Δp: -0.363%
+10.0%   Δp: -1.706%
+ 5.0%   Δp: -2.827%
+ 1.0%   Δp: -6.306%
+ 0.1%   Δp: -12.297%
+Minimum Δp: -24.014%
+RMS Δp    :  1.922 ± 0.088 %
+Same top p: 96.024 ± 0.388 %
+
+"""  # noqa: E501
 
 # Under 100 scored tokens llama-perplexity prints the chunk lines only (format strings of
 # tools/perplexity/perplexity.cpp at the pinned commit).
@@ -29,9 +79,44 @@ llama_perf_context_print:        load time =      10.00 ms
 """  # noqa: E501
 
 
+def test_the_final_statistics_of_a_real_run() -> None:
+    stats = parse_kld_output(TEACHER_Q8_0)
+    assert stats == {
+        "source": "statistics",
+        "ppl": 10.80776,
+        "ppl_unc": 0.674101,
+        "ppl_base": 10.692321,
+        "ppl_base_unc": 0.662527,
+        "ppl_ratio": 1.010796,
+        "ppl_ratio_unc": 0.003029,
+        "mean_kld": 0.005648,
+        "mean_kld_unc": 0.000219,
+        "same_top_p": 96.024,
+        "same_top_p_unc": 0.388,
+        "kld_max": 0.366234,
+        "kld_99": 0.04041,
+        "kld_median": 0.003342,
+        "chunks": 20,
+    }
+
+
+def test_a_real_run_whose_statistics_were_lost_reads_its_last_chunk() -> None:
+    cut = TEACHER_Q8_0[: TEACHER_Q8_0.index("====== Perplexity")]
+    stats = parse_kld_output(cut)
+    assert stats["source"] == "last chunk" and stats["chunks"] == 20
+    # The running values after the last chunk are the final means, to the printed digits.
+    assert stats["mean_kld"] == 0.00565 and stats["mean_kld_unc"] == 0.00022
+    assert stats["same_top_p"] == 96.024 and stats["same_top_p_unc"] == 0.388
+    assert stats["ppl_ratio"] == pytest.approx(1.010796, abs=1e-5)
+    assert stats["ppl_base"] == pytest.approx(10.692321, abs=1e-3)
+    assert stats["ppl"] == 10.8078 and "kld_max" not in stats
+    with pytest.raises(ValueError, match="stops at chunk 19 of 20"):
+        parse_kld_output(cut[: cut.index("  20      10.8078")])
+
+
 def test_without_final_statistics_the_last_chunk_stands_in() -> None:
     stats = parse_kld_output(CHUNKS_ONLY)
-    assert stats["final"] is False and stats["chunks"] == 3
+    assert stats["source"] == "last chunk" and stats["chunks"] == 3
     assert stats["ppl"] == 500.0 and stats["mean_kld"] == 0.005
     assert stats["mean_kld_unc"] == 0.00025
     assert stats["same_top_p"] == 88.889 and stats["same_top_p_unc"] == 4.714
@@ -50,6 +135,14 @@ def test_non_finite_values_become_none() -> None:
 def test_output_without_statistics_is_an_error() -> None:
     with pytest.raises(ValueError, match="no KL-divergence statistics"):
         parse_kld_output("kl_divergence: failed reading log-probs for chunk 0\n")
+
+
+def test_an_output_that_lost_its_last_chunk_is_refused() -> None:
+    # llama.cpp's asynchronous logger can drop the tail of the output at exit: the running
+    # values of chunk 2 of 3 are not the means over the whole text.
+    cut = CHUNKS_ONLY[: CHUNKS_ONLY.index("   3     500")]
+    with pytest.raises(ValueError, match="stops at chunk 2 of 3"):
+        parse_kld_output(cut)
 
 
 TEACHER_Q8 = {"mean_kld": 0.0072, "mean_kld_unc": 0.0003, "same_top_p": 93.2, "same_top_p_unc": 0.4}
