@@ -67,23 +67,48 @@ def _finite(text: str, digits: int = 6) -> float | None:
     return round(value, digits) if math.isfinite(value) else None
 
 
-def parse_kld_output(output: str) -> dict[str, Any]:
+def _chunk_stats(line: tuple[str, ...]) -> dict[str, Any]:
+    """The running means of one chunk line (the PPL ratio from its logarithm)."""
+    ppl, ppl_unc, ln_ratio, ln_ratio_unc, kld, kld_unc = line[1:7]
+    same, same_unc = line[9:11]
+    log_ratio = float(ln_ratio)
+    ratio = math.exp(log_ratio) if math.isfinite(log_ratio) else math.nan
+    result: dict[str, Any] = {
+        "source": "chunk line",
+        "ppl": _finite(ppl),
+        "ppl_unc": _finite(ppl_unc),
+        "ppl_base": None,
+        "ppl_base_unc": None,
+        "ppl_ratio": _finite(str(ratio)),
+        "ppl_ratio_unc": _finite(str(ratio * float(ln_ratio_unc))),
+        "mean_kld": _finite(kld),
+        "mean_kld_unc": _finite(kld_unc),
+        "same_top_p": _finite(same),
+        "same_top_p_unc": _finite(same_unc),
+        "chunks": int(line[0]),
+    }
+    if result["ppl"] is not None and result["ppl_ratio"]:
+        result["ppl_base"] = round(result["ppl"] / result["ppl_ratio"], 6)
+    return result
+
+
+def parse_kld_output(output: str, chunk: int | None = None) -> dict[str, Any]:
     """The KL-divergence statistics of a ``llama-perplexity --kl-divergence`` run's output.
 
     ``same_top_p`` is a percentage, ``mean_kld`` in nats per token; each measure has its
-    standard error as ``<name>_unc``. The final statistics are read when they are all there
-    (``source: statistics``); else the last chunk's line, whose running values are the same
-    means over every token (``source: last chunk``; the PPL ratio from its logarithm, no
-    percentiles). llama-perplexity prints no final statistics under 100 scored tokens, and at
-    the pinned commit its asynchronous logger can lose the tail of the output at exit: a line
-    for the last chunk is then required, else the output is refused (ValueError). Non-finite
-    values (an overflowing model) become None.
+    standard error as ``<name>_unc``. With ``chunk``, the running means printed after that
+    chunk (``source: chunk line``). Without, the final statistics when they are all there
+    (``source: statistics``), else the last chunk's line, whose running means are the same
+    values over every token (llama-perplexity prints no final statistics under 100 scored
+    tokens). At the pinned commit llama.cpp's asynchronous logger can lose the tail of the
+    output at exit: an output without the wanted chunk's line is refused (ValueError, "tail
+    was lost"). Non-finite values (an overflowing model) become None.
     """
-    chunks = _CHUNK.findall(output)
+    chunks = {int(line[0]): line for line in _CHUNK.findall(output)}
     announced = re.search(r"computing over (\d+) chunks", output)
-    expected = int(announced.group(1)) if announced else None
+    wanted = chunk or (int(announced.group(1)) if announced else max(chunks, default=None))
     found = {key: re.search(pattern, output) for key, pattern in _SUMMARY.items()}
-    if all(found.values()):
+    if chunk is None and all(found.values()):
         result: dict[str, Any] = {"source": "statistics"}
         for key, match in found.items():
             result[key] = _finite(match.group(1))  # type: ignore[union-attr]
@@ -91,35 +116,13 @@ def parse_kld_output(output: str) -> dict[str, Any]:
         for key, pattern in _PERCENTILES.items():
             match = re.search(pattern, output)
             result[key] = _finite(match.group(1)) if match else None
-    elif chunks and (expected is None or int(chunks[-1][0]) == expected):
-        last = chunks[-1]
-        ppl, ppl_unc, ln_ratio, ln_ratio_unc, kld, kld_unc = last[1:7]
-        same, same_unc = last[9:11]
-        log_ratio = float(ln_ratio)
-        ratio = math.exp(log_ratio) if math.isfinite(log_ratio) else math.nan
-        result = {
-            "source": "last chunk",
-            "ppl": _finite(ppl),
-            "ppl_unc": _finite(ppl_unc),
-            "ppl_base": None,
-            "ppl_base_unc": None,
-            "ppl_ratio": _finite(str(ratio)),
-            "ppl_ratio_unc": _finite(str(ratio * float(ln_ratio_unc))),
-            "mean_kld": _finite(kld),
-            "mean_kld_unc": _finite(kld_unc),
-            "same_top_p": _finite(same),
-            "same_top_p_unc": _finite(same_unc),
-        }
-        if result["ppl"] is not None and result["ppl_ratio"]:
-            result["ppl_base"] = round(result["ppl"] / result["ppl_ratio"], 6)
-    elif chunks:
-        raise ValueError(
-            f"the output stops at chunk {chunks[-1][0]} of {expected} (its tail was lost)"
-        )
-    else:
-        raise ValueError("no KL-divergence statistics in llama-perplexity's output")
-    result["chunks"] = int(chunks[-1][0]) if chunks else expected
-    return result
+        result["chunks"] = wanted
+        return result
+    if wanted in chunks:
+        return _chunk_stats(chunks[wanted])
+    if chunks:
+        raise ValueError(f"the output stops at chunk {max(chunks)} of {wanted} (its tail was lost)")
+    raise ValueError("no KL-divergence statistics in llama-perplexity's output")
 
 
 def _tail(output: str, lines: int = 8) -> str:
@@ -132,13 +135,21 @@ def _perplexity_cmd(tool: Path, model: Path, ctx: int, threads: int | None) -> l
 
 
 def save_base_logits(
-    tool: Path, model: Path, text_file: Path, logits_file: Path, ctx: int, threads: int | None
+    tool: Path,
+    model: Path,
+    text_file: Path,
+    logits_file: Path,
+    ctx: int,
+    threads: int | None,
+    chunks: int | None = None,
 ) -> None:
-    """Run the unquantized GGUF over the text, saving its log-probabilities for the KLD runs."""
+    """Run the unquantized GGUF over the text (its first ``chunks`` chunks), saving its
+    log-probabilities for the KLD runs."""
     from distill.llamacpp import run as run_tool
 
     cmd = _perplexity_cmd(tool, model, ctx, threads)
     cmd += ["-f", str(text_file), "--kl-divergence-base", str(logits_file)]
+    cmd += ["--chunks", str(chunks)] if chunks else []
     result = run_tool(cmd)
     # A text too short for two chunks still exits 0, leaving the 12-byte header alone (magic
     # and n_ctx); the vocabulary size, chunk count and tokens follow only after a real run.
@@ -148,9 +159,16 @@ def save_base_logits(
 
 
 def kl_divergence(
-    tool: Path, model: Path, logits_file: Path, ctx: int, threads: int | None, tries: int = 3
+    tool: Path,
+    model: Path,
+    logits_file: Path,
+    ctx: int,
+    threads: int | None,
+    chunk: int | None = None,
+    tries: int = 3,
 ) -> dict[str, Any]:
-    """``llama-perplexity --kl-divergence`` of a GGUF against saved base log-probabilities.
+    """``llama-perplexity --kl-divergence`` of a GGUF against saved base log-probabilities,
+    read after ``chunk`` (default: at the end).
 
     An output whose tail was lost (see :func:`parse_kld_output`) is run again, ``tries`` times
     in all.
@@ -163,7 +181,7 @@ def kl_divergence(
         result = run_tool(cmd)
         output = result.stdout + "\n" + result.stderr
         try:
-            return parse_kld_output(output)
+            return parse_kld_output(output, chunk)
         except ValueError as err:
             if attempt == tries or "tail was lost" not in str(err):
                 raise EvalError(f"{' '.join(cmd)}: {err}:\n{_tail(output)}") from None
@@ -175,20 +193,33 @@ def measure(
     tool: Path,
     base: Path,
     quants: Mapping[str, Path],
-    text_file: Path,
+    text: str,
+    n_tokens: int,
     ctx: int,
     threads: int | None,
+    workdir: Path,
 ) -> dict[str, dict[str, Any]]:
-    """KLD statistics of each quantized GGUF against the base GGUF, over one text."""
+    """KLD statistics of each quantized GGUF against the base GGUF, over ``text``
+    (``n_tokens`` long): the running means after its last whole chunk.
+
+    A filler chunk (the text's first half again) follows the measured ones: llama.cpp's logger
+    can drop what a run prints just before it exits, and the extra pass gives it time to
+    print the measured chunk's line. The filler's own numbers are never read.
+    """
+    # Two tokens of slack: llama.cpp may count the text a token or two longer than HF.
+    chunks = max(1, (n_tokens - 2) // ctx)
     out: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(dir=text_file.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        text_file = Path(tmp) / "heldout.txt"
+        text_file.write_text(text + "\n" + text[: len(text) // 2 + 1], encoding="utf-8")
         logits = Path(tmp) / "base.logits"
-        save_base_logits(tool, base, text_file, logits, ctx, threads)
+        save_base_logits(tool, base, text_file, logits, ctx, threads, chunks + 1)
         for quant, path in quants.items():
             out[quant] = {
                 "file": path.name,
                 "mib": round(path.stat().st_size / 2**20, 2),
-                **kl_divergence(tool, path, logits, ctx, threads),
+                **kl_divergence(tool, path, logits, ctx, threads, chunks),
+                "scored_tokens": chunks * (ctx - 1 - ctx // 2),
             }
             log.info(
                 "%s: mean KLD %s, same top p %s%%, PPL ratio %s",
@@ -378,20 +409,21 @@ def eval_ggufs(
         "imatrix": bool(manifest.get("imatrix")),
     }
     with tempfile.TemporaryDirectory(prefix=".eval-", dir=args.run_dir) as tmp:
-        text_file = Path(tmp) / "heldout.txt"
-        text_file.write_text(text, encoding="utf-8")
+        work = Path(tmp)
         base = entries.get(outtype.upper())
         if base is None:
-            base = Path(tmp) / f"student-{outtype.upper()}.gguf"
+            base = work / f"student-{outtype.upper()}.gguf"
             convert_to_gguf(tools, model_dir, base, outtype)
-        student = measure(tool, base, entries, text_file, ctx, args.threads)
+        student = measure(tool, base, entries, text, n_tokens, ctx, args.threads, work)
         gguf = {**setup, "base": {"file": base.name, "type": outtype.upper()}, "quants": student}
         if not args.ceiling:
             return {"gguf": gguf, "teacher_ceiling": None, "goal": None}
         teacher_base, teacher_files = teacher_ggufs(
             tools, teacher_dir, teacher_source, outtype, list(entries), tensor_types, args.threads
         )
-        teacher = measure(tool, teacher_base, teacher_files, text_file, ctx, args.threads)
+        teacher = measure(
+            tool, teacher_base, teacher_files, text, n_tokens, ctx, args.threads, work
+        )
     for quant, stats in student.items():
         stats["goal"] = meets_goal(stats, teacher[quant])
     ceiling = {

@@ -103,7 +103,7 @@ def test_the_final_statistics_of_a_real_run() -> None:
 def test_a_real_run_whose_statistics_were_lost_reads_its_last_chunk() -> None:
     cut = TEACHER_Q8_0[: TEACHER_Q8_0.index("====== Perplexity")]
     stats = parse_kld_output(cut)
-    assert stats["source"] == "last chunk" and stats["chunks"] == 20
+    assert stats["source"] == "chunk line" and stats["chunks"] == 20
     # The running values after the last chunk are the final means, to the printed digits.
     assert stats["mean_kld"] == 0.00565 and stats["mean_kld_unc"] == 0.00022
     assert stats["same_top_p"] == 96.024 and stats["same_top_p_unc"] == 0.388
@@ -114,9 +114,19 @@ def test_a_real_run_whose_statistics_were_lost_reads_its_last_chunk() -> None:
         parse_kld_output(cut[: cut.index("  20      10.8078")])
 
 
+def test_a_chosen_chunk_is_read_even_with_the_final_statistics() -> None:
+    # eval measures N chunks then one of filler: the statistics cover the filler too.
+    stats = parse_kld_output(TEACHER_Q8_0, chunk=19)
+    assert stats["source"] == "chunk line" and stats["chunks"] == 19
+    assert stats["mean_kld"] == 0.00566 and stats["same_top_p"] == 95.98
+    assert stats["ppl"] == 11.394
+    with pytest.raises(ValueError, match="stops at chunk 20 of 21"):
+        parse_kld_output(TEACHER_Q8_0, chunk=21)
+
+
 def test_without_final_statistics_the_last_chunk_stands_in() -> None:
     stats = parse_kld_output(CHUNKS_ONLY)
-    assert stats["source"] == "last chunk" and stats["chunks"] == 3
+    assert stats["source"] == "chunk line" and stats["chunks"] == 3
     assert stats["ppl"] == 500.0 and stats["mean_kld"] == 0.005
     assert stats["mean_kld_unc"] == 0.00025
     assert stats["same_top_p"] == 88.889 and stats["same_top_p_unc"] == 4.714
