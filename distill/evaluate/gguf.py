@@ -6,6 +6,9 @@ file then reads the same tokens (``--kl-divergence``) and llama-perplexity repor
 KL(base || quant), how often both pick the same top token ("same top p") and the ratio of the
 two perplexities.
 
+The text is the held-out prompts and answers, cut to whole chunks; one chunk of filler follows
+them (see :func:`measure`) and only the running means after the last real chunk are read.
+
 The teacher is measured the same way on the same text, quantized to the same types with the
 same tensor-type flags: that is the ceiling of the architecture (a narrow model flips near-ties
 under Q8_0 however it was trained). Its GGUFs are made once and cached under
