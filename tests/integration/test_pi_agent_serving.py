@@ -327,6 +327,17 @@ def test_a_streamed_answer_follows_the_schema_too(agent: AgentProcess) -> None:
     assert schema_valid(text, PERSON), text
 
 
+def test_a_text_completion_takes_response_format_too(agent: AgentProcess) -> None:
+    # llama-server reads response_format on chat only: the agent hands it json_schema instead.
+    fmt = {"type": "json_schema", "json_schema": {"name": "personne", "schema": PERSON}}
+    for seed in range(5):
+        status, body = agent.json("POST", "/v1/completions", {
+            "prompt": "Une personne: ", "response_format": fmt, "max_tokens": 128, "seed": seed,
+        })  # fmt: skip
+        assert status == 200, body
+        assert schema_valid(body["choices"][0]["text"], PERSON), body["choices"][0]["text"]
+
+
 def test_a_grammar_holds_a_text_completion(agent: AgentProcess) -> None:
     answers = set()
     for seed in range(6):
