@@ -111,11 +111,14 @@ def _gguf_rows(evaluation: dict[str, Any]) -> list[str]:
         def top(value: Any) -> str:
             return "n/a" if value is None else f"{value:.2f}%"
 
+        def ratio(value: Any) -> str:
+            return "n/a" if value is None else f"{value:.4f}"
+
         lines.append(
             f"| {stats.get('file')} | {stats.get('mib')} | {_num(stats.get('mean_kld'))} | "
-            f"{top(stats.get('same_top_p'))} | {_num(stats.get('ppl_ratio'))} | "
+            f"{top(stats.get('same_top_p'))} | {ratio(stats.get('ppl_ratio'))} | "
             f"{_num(theirs.get('mean_kld'))} | {top(theirs.get('same_top_p'))} | "
-            f"{_num(theirs.get('ppl_ratio'))} | {verdict} |"
+            f"{ratio(theirs.get('ppl_ratio'))} | {verdict} |"
         )
     return lines
 
@@ -128,8 +131,8 @@ def eval_table(evaluation: dict[str, Any] | None) -> str:
     teacher = evaluation.get("teacher") or {}
     lines = [
         f"Held-out rows: {heldout.get('rows')} ({heldout.get('answer_tokens')} answer tokens), "
-        f"against the teacher `{teacher.get('model')}`; the teacher's column is its labelled "
-        "answers.",
+        f"against the teacher `{teacher.get('model')}` (its JSON rates are those of its "
+        "labelled answers).",
         "",
         *_student_rows(evaluation),
     ]

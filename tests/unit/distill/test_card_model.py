@@ -64,7 +64,7 @@ def evaluation() -> dict:
 
 def test_the_card_puts_teacher_before_and_after_side_by_side() -> None:
     table = eval_table(evaluation())
-    assert "Held-out rows: 25 (2900 answer tokens)" in table
+    assert "Held-out rows: 25 (2900 answer tokens), against the teacher `embedded:" in table
     assert "| perplexity of the teacher's answers | 1.9 | 4100 | 23 | after below before |" in table
     assert "| next-token top-1 agreement with the teacher |  | 12.0% | 61.5% |  |" in table
     assert "| mean KL(teacher ‖ student), nats/token |  | 5.5 | 0.83 |  |" in table
@@ -78,10 +78,12 @@ def test_the_card_sets_each_quant_beside_the_teachers_own() -> None:
     assert "against the unquantized F16 GGUF" in table and "5632 tokens, chunks of 256" in table
     assert "Goal: no worse than the teacher's own Q8_0." in table
     assert (
-        "| s-Q8_0.gguf | 138.1 | 0.0123 | 91.50% | 1.011 | 0.0072 | 93.20% | 1.008 | "
+        "| s-Q8_0.gguf | 138.1 | 0.0123 | 91.50% | 1.0110 | 0.0072 | 93.20% | 1.0076 | "
         "**not met** |" in table
     )
-    assert "| s-Q4_K_M.gguf | 100.2 | 0.21 | 70.25% | 1.3 | 0.25 | 68.00% | 1.4 | met |" in table
+    assert (
+        "| s-Q4_K_M.gguf | 100.2 | 0.21 | 70.25% | 1.3000 | 0.25 | 68.00% | 1.4000 | met |" in table
+    )
     card = render_card({"config": {"method": "lora"}, "versions": {"torch": "2"}}, evaluation())
     assert card.startswith("---\n") and "| torch | 2 |" in card and table.strip() in card
     assert "Not evaluated yet" in eval_table(None)
