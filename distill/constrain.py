@@ -30,6 +30,29 @@ def _canonical(schema: Mapping[str, Any]) -> str:
     return json.dumps(schema, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
+# Bounds given to unbounded strings and arrays while generating: a small teacher that loops
+# inside a string ("2018-01-01 2018-01-01 ...") or a list otherwise runs to --max-new-tokens and
+# leaves JSON that never closes. The answer is still validated against the row's own schema.
+MAX_STRING = 100
+MAX_ITEMS = 8
+
+
+def bounded(schema: Any, max_string: int = MAX_STRING, max_items: int = MAX_ITEMS) -> Any:
+    """A copy of ``schema`` whose strings and arrays without a bound of their own get one."""
+    if isinstance(schema, list):
+        return [bounded(s, max_string, max_items) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bounded(v, max_string, max_items) for k, v in schema.items()}
+    kinds = out.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    if "string" in kinds and not {"maxLength", "enum", "const", "pattern", "format"} & out.keys():
+        out["maxLength"] = max(max_string, int(out.get("minLength", 0)))
+    if "array" in kinds and "maxItems" not in out:
+        out["maxItems"] = max(max_items, int(out.get("minItems", 0)))
+    return out
+
+
 class SchemaConstraint:
     """Compiles JSON Schemas for one tokenizer and builds per-batch logits processors."""
 
@@ -48,7 +71,7 @@ class SchemaConstraint:
         if key not in self._cache:
             try:
                 self._cache[key] = self.compiler.compile_json_schema(
-                    key, any_whitespace=False, strict_mode=True
+                    _canonical(bounded(schema)), any_whitespace=False, strict_mode=True
                 )
             except Exception as err:  # xgrammar raises RuntimeError/ValueError from C++
                 raise ConstraintError(f"schema cannot be compiled to a grammar: {err}") from None
