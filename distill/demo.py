@@ -41,6 +41,8 @@ class Settings:
     demo_limit: int = 0
     demo_batch_size: int = 16
     demo_max_new_tokens: int = 128
+    demo_logprobs: int = 20
+    demo_loss: str = "sft"
     demo_student_every: int = 2
     demo_student_layers: str = "ends"
     demo_learning_rate: float = 3e-3
@@ -107,6 +109,7 @@ def main() -> int:
             skip_existing=True,
             batch_size=settings.demo_batch_size,
             max_new_tokens=settings.demo_max_new_tokens,
+            logprobs=settings.demo_logprobs,
             limit=settings.demo_limit or None,
             **teacher,
         )
@@ -128,6 +131,7 @@ def main() -> int:
         init_layers=settings.demo_student_layers,
         learning_rate=settings.demo_learning_rate,
         method=settings.demo_method,
+        loss=settings.demo_loss,
         epochs=settings.demo_epochs,
         resume=(train_dir / "checkpoints").is_dir() and not (train_dir / "model").is_dir(),
         overwrite=(train_dir / "model").is_dir(),
