@@ -94,6 +94,8 @@ def statistics_of(records: Sequence[Record]) -> dict[str, Any]:
         "splits": _distribution([r.split for r in records]),
         "requires_json": sum(r.requires_json for r in records),
         "labelled": len(labelled),
+        "with_logprobs": sum("teacher_logprobs" in r.extra for r in labelled),
+        "rejected": rejects_of(sorted({Path(r.source) for r in records})),
         "register": _distribution([r.metadata["register"] for r in records]),
         "dialect": _distribution([r.metadata["dialect"] for r in records]),
         "topic": _distribution([str(r.metadata.get("topic", "—")) for r in records]),
@@ -114,6 +116,21 @@ def statistics_of(records: Sequence[Record]) -> dict[str, Any]:
             "generation_settings": dict(settings),
         },
     }
+
+
+def rejects_of(inputs: Sequence[Path]) -> dict[str, Any]:
+    """What the labeller rejected beside each input (``X.rejects.jsonl``), counted by reason."""
+    from distill.label.run import reason_kind
+    from distill.records import iter_json_lines
+
+    reasons: Counter[str] = Counter()
+    for source in inputs:
+        path = Path(source).with_name(Path(source).stem + ".rejects.jsonl")
+        if path.exists():
+            for _, row in iter_json_lines(path):
+                reason = (row.get("reject") or {}).get("reason") if isinstance(row, dict) else None
+                reasons[reason_kind(str(reason or "unrecorded"))] += 1
+    return {"rows": sum(reasons.values()), "by_reason": dict(reasons.most_common())}
 
 
 def _table(rows: dict[str, dict[str, float]], title: str) -> str:
@@ -164,7 +181,9 @@ def render_card(stats: dict[str, Any], args: CardArgs) -> str:
         front,
         f"# {args.name}",
         f"{stats['rows']} rows from {len(stats['files'])} file(s); "
-        f"{stats['requires_json']} ask for JSON; {stats['labelled']} labelled by a teacher.",
+        f"{stats['requires_json']} ask for JSON; {stats['labelled']} labelled by a teacher"
+        f" ({stats['with_logprobs']} with its top-K log-probabilities); "
+        f"{stats['rejected']['rows']} rejected by the labeller.",
         "## Files\n\n" + _count_table(stats["files"], "file"),
         "## Splits\n\n" + _table(stats["splits"], "split"),
         "## Register\n\n" + _table(stats["register"], "register"),
@@ -186,6 +205,13 @@ def render_card(stats: dict[str, Any], args: CardArgs) -> str:
                 {f"`{k}`": v for k, v in provenance["generation_settings"].items()},
                 "generation settings",
             )
+        )
+    if stats["rejected"]["rows"]:
+        parts.append(
+            "## Rejected by the labeller\n\n"
+            "Answers that failed the schema or the quality gate; each row and its reason is in "
+            "the `.rejects.jsonl` beside its file.\n\n"
+            + _count_table(stats["rejected"]["by_reason"], "reason")
         )
     return "\n\n".join(parts) + "\n"
 

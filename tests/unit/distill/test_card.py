@@ -71,3 +71,27 @@ def test_card_aggregates_labeller_provenance(tmp_path: Path) -> None:
     assert stats["provenance"]["tool_versions"] == {"tool pidistill 0.1.0, transformers 5.0": 3}
     assert stats["lengths"]["assistant"]["mean_words"] == 2
     assert "## Labelling" in (tmp_path / "c.md").read_text()
+
+
+def test_the_card_counts_what_the_labeller_rejected_and_why(tmp_path) -> None:
+    import json as _json
+
+    from distill.card import CardArgs, run
+
+    rows = tmp_path / "l.jsonl"
+    meta = {"register": "familier", "dialect": "québécois", "provenance": {"source": "t"}}
+    base = {"system_hint": "", "user": "Salut", "requires_json": False, "json_schema": None}
+    rows.write_text(_json.dumps({"id": "a", **base, "metadata": meta, "assistant": "Allô."}) + "\n")
+    rejects = tmp_path / "l.rejects.jsonl"
+    reasons = ["repetition: 45% of ...", "truncated: cut", "repetition: 60% of ..."]
+    rejects.write_text(
+        "".join(
+            _json.dumps({"id": f"r{i}", **base, "metadata": meta, "reject": {"reason": r}}) + "\n"
+            for i, r in enumerate(reasons)
+        )
+    )
+    out = tmp_path / "CARD.md"
+    run(CardArgs(input=[rows], output=out))
+    stats = _json.loads(out.with_suffix(".json").read_text())
+    assert stats["rejected"] == {"rows": 3, "by_reason": {"repetition": 2, "truncated": 1}}
+    assert "| repetition | 2 |" in out.read_text()
