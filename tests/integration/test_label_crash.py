@@ -60,6 +60,9 @@ def command(source: Path, output: Path, model: Path, *extra: str) -> list[str]:
         "6",
         "--json-retries",
         "1",
+        "--no-quality-gate",  # a random model's six tokens are no sentence: keep them
+        "--logprobs",
+        "3",
         *extra,
     ]
 
@@ -113,6 +116,17 @@ def test_resume_after_repeated_kill_9_gives_every_id_exactly_once(
         assert raw.endswith(b"\n")
         for line in raw.decode("utf-8").splitlines():
             json.loads(line)
+
+    # Every labelled row has its probabilities, and no probabilities are left without a row.
+    from distill.logprobs import FIELD, read_block, sidecar_path
+
+    blocks = [read_block(output, row[FIELD]) for row in lines_of(output)]
+    assert [b.tokens for b in blocks] == [row[FIELD]["tokens"] for row in lines_of(output)]
+    ends = [
+        row[FIELD]["offset"] + 16 + 4 * b.tokens + 6 * b.tokens * b.k
+        for row, b in zip(lines_of(output), blocks, strict=True)
+    ]
+    assert sidecar_path(output).stat().st_size == max(ends)
 
     # The same rows as an uninterrupted run.
     clean = tmp_path / "clean.jsonl"
