@@ -54,6 +54,7 @@ def test_server_teacher_labels_every_row(tmp_path: Path, tiny_gguf: Path, style:
             max_new_tokens=8,
             prompt_style=style,
             json_retries=1,
+            quality_gate=False,  # eight tokens of a random model are no sentence
         )
         summary = label_stage.label(args)
     assert summary.labelled + summary.rejected == 9
@@ -83,3 +84,33 @@ def test_a_server_that_goes_away_stops_the_run_without_losing_rows(tmp_path: Pat
     with pytest.raises(LabelError, match="unreachable"):
         label_stage.label(args)
     assert not args.output.exists() or args.output.read_text() == ""
+
+
+def test_server_teacher_holds_json_to_its_schema_and_keeps_logprobs(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
+    from distill.logprobs import read_for
+
+    source = write_prompts(tmp_path / "in.jsonl", 4)
+    with serve(tiny_gguf, parallel=2, ctx_size=512) as url:
+        args = LabelArgs(
+            input=source,
+            output=tmp_path / "out.jsonl",
+            teacher_url=url,
+            concurrency=2,
+            max_new_tokens=64,
+            json_retries=0,
+            quality_gate=False,
+            logprobs=3,
+        )
+        summary = label_stage.label(args)
+    # The random tiny model writes the object only because response_format holds it there.
+    rejects = args.rejects_path.read_text() if args.rejects_path.exists() else ""
+    assert summary.rejected == 0, rejects
+    rows = {r.id: r for r in read_records(args.output)}
+    assert json.loads(rows["s0"].assistant) in ({"ok": True}, {"ok": False})
+    for row in rows.values():
+        block = read_for(row)
+        assert block is not None and block.k == 3 and block.tokens > 0
+        assert (block.top_logprobs[:, :-1] >= block.top_logprobs[:, 1:]).all()
+    assert rows["s0"].metadata["provenance"]["labeller"]["logprobs"]["k"] == 3
