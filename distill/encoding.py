@@ -175,6 +175,22 @@ def ensure_pad_token(tokenizer: Any) -> None:
         raise DataError("the tokenizer has no pad, unk or eos token to pad with")
 
 
+def pad_examples(examples: Sequence[Example], pad_id: int) -> tuple[Any, Any, Any]:
+    """Right-padded ``(input_ids, labels, attention_mask)`` tensors of a batch of examples."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return ids, labels, mask
+
+
 def answer_perplexity(
     model: Any, examples: Sequence[Any], pad_id: int, batch_size: int = 4
 ) -> float | None:
@@ -191,16 +207,7 @@ def answer_perplexity(
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
-                chunk = examples[start : start + batch_size]
-                width = max(len(e.input_ids) for e in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, example in enumerate(chunk):
-                    n = len(example.input_ids)
-                    ids[row, :n] = torch.tensor(example.input_ids)
-                    labels[row, :n] = torch.tensor(example.labels)
-                    mask[row, :n] = 1
+                ids, labels, mask = pad_examples(examples[start : start + batch_size], pad_id)
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 shifted = logits[:, :-1].float()
                 target = labels[:, 1:].to(device)

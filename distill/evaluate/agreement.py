@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from distill.encoding import IGNORE_INDEX, Example
+from distill.encoding import IGNORE_INDEX, Example, pad_examples
 
 
 @dataclass
@@ -71,16 +71,7 @@ def teacher_forced(
     results = {name: Agreement() for name in students}
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            width = max(len(e.input_ids) for e in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, example in enumerate(chunk):
-                n = len(example.input_ids)
-                ids[row, :n] = torch.tensor(example.input_ids)
-                labels[row, :n] = torch.tensor(example.labels)
-                mask[row, :n] = 1
+            ids, labels, mask = pad_examples(examples[start : start + batch_size], pad_id)
             ids, mask = ids.to(device), mask.to(device)
             # Logits at position t predict token t+1: keep the positions whose next token is an
             # answer token, before the softmax (the prompt is most of each row).
