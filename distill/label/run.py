@@ -172,6 +172,9 @@ def label(
         if cut:
             log.warning("%s: cut %d bytes no row points at", args.logprobs_path, cut)
         done = {row["id"] for row in written} | {r["id"] for r in _done_rows(args.rejects_path)}
+    else:
+        # A fresh output: probabilities a deleted output once pointed at are stale.
+        repair(args.logprobs_path, [])
     todo = [r for r in records if r.id not in done]
     summary.skipped_ids = [r.id for r in records if r.id in done]
     summary.skipped = len(summary.skipped_ids)
