@@ -109,6 +109,10 @@ class LabError(RuntimeError):
     """A lab step that failed; the message says which and why."""
 
 
+class InitDied(LabError):
+    """A stand-in's PID 1 exited while it booted."""
+
+
 def sh(cmd: list[str], *, check: bool = True, stdin: str | None = None) -> str:
     """Run a command, return its stdout; on failure raise with its stderr."""
     done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=False)
@@ -245,10 +249,27 @@ def ssh_args(key: Path, host: str) -> list[str]:
     ]  # fmt: skip
 
 
+def inspect_state(container: str) -> str:
+    """podman's view of the container: status, PID 1, exit code, OOM kill, runtime error."""
+    fmt = ("{{.State.Status}} pid={{.State.Pid}} exit={{.State.ExitCode}} "
+           "oom={{.State.OOMKilled}} error={{.State.Error}}")  # fmt: skip
+    return podman("inspect", "--format", fmt, container, check=False).strip() or "gone"
+
+
+def init_alive(container: str) -> bool:
+    """Whether the stand-in's PID 1 (systemd) still runs: podman may say "running" after the
+    runtime has lost it, so ask the runtime (an exec) rather than podman's record."""
+    done = subprocess.run(
+        ["podman", "--runtime", "runc", "exec", container, "true"],
+        capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    return done.returncode == 0
+
+
 def diagnose(container: str) -> str:
-    """What a stand-in that does not answer SSH is doing: its state, systemd's, sshd's journal."""
-    state = podman("inspect", "--format", "{{.State.Status}}", container, check=False).strip()
-    lines = [f"state: {state}"]
+    """What a stand-in that does not answer SSH is doing: its state, systemd's, sshd's journal,
+    and the last lines systemd wrote on the console (the container's log)."""
+    lines = [f"state: {inspect_state(container)}"]
     for label, cmd in (
         ("systemd", ["systemctl", "is-system-running"]),
         ("failed units", ["systemctl", "--failed", "--no-legend", "--plain"]),
@@ -260,23 +281,42 @@ def diagnose(container: str) -> str:
             capture_output=True, text=True, check=False, timeout=20,
         )  # fmt: skip
         lines.append(f"{label}: {(done.stdout + done.stderr).strip()[-600:]}")
-    route = subprocess.run(["ip", "route", "get", address(container)], capture_output=True,
-                           text=True, check=False)  # fmt: skip
-    lines.append(f"route: {(route.stdout + route.stderr).strip()}")
+    console = subprocess.run(["podman", "logs", "--tail", "15", container], capture_output=True,
+                             text=True, check=False, timeout=20)  # fmt: skip
+    lines.append("console: " + (console.stdout + console.stderr).strip()[-1500:])
+    try:
+        route = subprocess.run(["ip", "route", "get", address(container)], capture_output=True,
+                               text=True, check=False)  # fmt: skip
+        lines.append(f"route: {(route.stdout + route.stderr).strip()}")
+    except LabError as err:
+        lines.append(f"route: {err}")
     return "\n  ".join(lines)
 
 
 def wait_ssh(key: Path, container: str, timeout: float = 120.0) -> None:
-    """Wait until ``pi`` can log in and run sudo over SSH; on timeout say what the host is doing."""
-    host = address(container)
+    """Wait until ``pi`` can log in and run sudo over SSH; on timeout say what the host is doing.
+    A stand-in whose systemd has died is not waited on: LabError at once, ``InitDied``."""
+    try:
+        host = address(container)
+    except LabError as err:  # a container that has stopped has no address
+        if init_alive(container):
+            raise
+        raise InitDied(f"{container}: its systemd (PID 1) is gone while booting: {err}\n"
+                       f"  {diagnose(container)}") from err  # fmt: skip
     deadline = time.monotonic() + timeout
+    checked = time.monotonic()
     while True:
         cmd = [*ssh_args(key, host), "sudo", "-n", "true"]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode == 0:
             return
+        why = done.stderr.strip()[-300:] or f"exit {done.returncode}"
+        if time.monotonic() - checked > 10:
+            checked = time.monotonic()
+            if not init_alive(container):
+                raise InitDied(f"{container}: its systemd (PID 1) is gone while booting: {why}\n"
+                               f"  {diagnose(container)}")  # fmt: skip
         if time.monotonic() > deadline:
-            why = done.stderr.strip()[-300:] or f"exit {done.returncode}"
             raise LabError(
                 f"ssh to pi@{host} ({container}) not ready after {timeout:.0f}s: {why}\n"
                 f"  {diagnose(container)}"
@@ -303,6 +343,19 @@ def start(index: int, key: Path) -> str:
         stdin=public,
     )  # fmt: skip
     return name
+
+
+def boot(index: int, key: Path) -> None:
+    """Wait for stand-in ``index`` to answer SSH; one whose systemd died while booting is
+    recreated once (the cause is printed), a second death is an error."""
+    name = f"{PREFIX}{index}"
+    try:
+        wait_ssh(key, name)
+    except InitDied as err:
+        print(f"lab: {err}\nlab: recreating {name} once", file=sys.stderr)
+        podman("rm", "--force", "--time", "5", name)
+        start(index, key)
+        wait_ssh(key, name)
 
 
 def tc_cap(device: str, rate: str, netns_pid: int | None = None) -> None:
@@ -443,8 +496,8 @@ def up(count: int, link_rate: str = LINK_RATE, uplink_rate: str = UPLINK_RATE) -
         elif "running" not in podman("inspect", "--format", "{{.State.Status}}", name):
             podman("start", name)
             started += 1
-    for name in wanted:
-        wait_ssh(key, name)
+    for index in range(1, count + 1):
+        boot(index, key)
     shape(wanted, link_rate, uplink_rate)
     path = write_inventory(wanted, key, link_rate, uplink_rate)
     print(f"lab: {count} stand-in Pi(s) up (created {created}, started {started}); links "

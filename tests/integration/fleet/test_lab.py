@@ -1,6 +1,7 @@
-"""The lab end to end: stand-in Pis over SSH, site.yml on them (provision, deploy, bench), a second
-run that changes nothing, an OpenAI client answered by the deployed student, a corrupt model that
-stops at the canary (which rolls back), a host lost mid-run, and a lab-down that leaves nothing.
+"""The lab end to end: stand-in Pis over SSH, a stand-in whose systemd dies while booting
+(recreated once), site.yml on them (provision, deploy, bench), a second run that changes nothing,
+an OpenAI client answered by the deployed student, a corrupt model that stops at the canary (which
+rolls back), a host lost mid-run, and a lab-down that leaves nothing.
 The held-out prompts that need JSON get schema-valid answers through ``response_format``.
 
 Tests in this file run in order and share one lab (the session's ``lab`` fixture, three hosts:
@@ -13,6 +14,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +30,7 @@ from fleet_helpers import (
     ROOT,
     cap_uplink,
     fleet_env,
+    lab_module,
     link_counter,
     make_export,
     recap,
@@ -90,6 +93,32 @@ def test_every_stand_in_answers_ssh_as_pi_with_sudo(lab) -> None:
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert done.stdout.split() == [name, "0", "running"], done.stderr
+
+
+def test_a_stand_in_whose_systemd_dies_while_booting_is_recreated_once(
+    lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lab_py = lab_module()
+    key = lab_py.ssh_key()
+    name = lab_py.start(9, key)  # a spare stand-in, outside the inventory
+    try:
+        first = subprocess.run(["podman", "--runtime", "runc", "inspect", "--format",
+                                "{{.Id}} {{.State.Pid}}", name], capture_output=True, text=True,
+                               check=True).stdout.split()  # fmt: skip
+        os.kill(int(first[1]), signal.SIGKILL)  # its systemd, before sshd is up
+        lab_py.boot(9, key)
+        assert "its systemd (PID 1) is gone while booting" in capsys.readouterr().err
+        assert lab_py.init_alive(name)
+        again = subprocess.run(
+            ["podman", "--runtime", "runc", "inspect", "--format", "{{.Id}}", name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert again != first[0]  # a new container, not the dead one
+    finally:
+        subprocess.run(["podman", "--runtime", "runc", "rm", "--force", "--time", "1", name],
+                       capture_output=True, check=False)  # fmt: skip
 
 
 def test_site_serves_and_benchmarks_the_lab_and_a_second_run_changes_nothing(
