@@ -19,6 +19,9 @@ Sections:
   builds against the memory-bandwidth roofline, and the build the llama_cpp role keeps.
 - ``agent``: the per-Pi agent's resident memory, idle CPU and ``/metrics`` latency.
 - ``fleet``: the rows of ``make bench-fleet`` (``fleet.csv`` in ``--out``), when it has run.
+- ``distillation``: ``sft``, ``kd`` and ``mix`` students trained on the same labelled rows for
+  the same steps from the same seed, each measured against the teacher on the held-out rows
+  (KL, top-1 agreement, chrF, schema-valid JSON); ``distill.json`` in ``--out`` holds them all.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import os
 import platform
@@ -312,6 +316,33 @@ def bench_agent() -> list[Row]:
     return rows
 
 
+# ----------------------------------------------------------------------------- distillation
+
+
+def bench_distillation(out: Path, steps: int) -> list[Row]:
+    """sft, kd and mix on the same data, steps and seed: held-out KL, agreement, chrF, JSON."""
+    from distill.bench_distill import AGREEMENT_GAIN_GOAL, KL_DROP_GOAL, measure
+
+    result = measure(out / "distill", steps)
+    atomic_write_text(out / "distill.json", json.dumps(result, indent=2) + "\n")
+    detail = f"{steps} LoRA steps, seed 0, the demo's student and labelled rows; held-out rows"
+    rows = []
+    for loss, measures in (("before training", result["before"]), *result["results"].items()):
+        for key, unit in (("mean_kl", "nats"), ("top1_agreement", "share"), ("chrf", "chrF"),
+                          ("schema_valid", "share")):  # fmt: skip
+            if measures.get(key) is not None:
+                rows.append(Row("distillation", f"{key} ({loss})", measures[key], unit, detail))
+    verdict = result["verdict"]
+    met = "yes" if verdict["met"] else "no"
+    rows.append(Row("distillation", f"KL drop ({verdict['best']} vs sft)",
+                    round(verdict["kl_drop"], 3), "share", detail,
+                    f">= {KL_DROP_GOAL:.0%}", met))  # fmt: skip
+    rows.append(Row("distillation", f"agreement gain ({verdict['best']} vs sft)",
+                    round(verdict["agreement_gain"], 3), "share", detail,
+                    f">= {AGREEMENT_GAIN_GOAL:.2f}", met))  # fmt: skip
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
@@ -322,6 +353,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "decode": lambda a: bench_decode(a.threads),
     "agent": lambda a: bench_agent(),
     "fleet": lambda a: bench_fleet_rows(a.out),
+    "distillation": lambda a: bench_distillation(a.out, a.distill_steps),
 }
 
 
@@ -362,8 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="transformers batch size")
     parser.add_argument("--parallel", type=int, default=16, help="llama-server slots")
     parser.add_argument("--threads", type=int, default=2, help="llama-bench threads (decode)")
+    parser.add_argument("--distill-steps", type=int, default=16,
+                        help="optimizer steps per loss (distillation)")  # fmt: skip
     args = parser.parse_args(argv)
-    for name in ("rows", "loop_rows", "max_new_tokens", "batch_size", "parallel", "threads"):
+    for name in ("rows", "loop_rows", "max_new_tokens", "batch_size", "parallel", "threads",
+                 "distill_steps"):  # fmt: skip
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)

@@ -40,3 +40,27 @@ def test_the_agent_section_measures_a_real_agent(tmp_path: Path) -> None:
     assert 0 < measured["rss_mib"] < 200
     assert measured["metrics_p99_ms"] > 0
     assert "# pidistill benchmarks" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_distillation_verdict_takes_the_lowest_kl_variant_and_holds_both_goals() -> None:
+    from distill.bench_distill import verdict
+
+    sft = {"mean_kl": 1.0, "top1_agreement": 0.40}
+    kd = {"mean_kl": 0.75, "top1_agreement": 0.44}  # 25% lower KL, +4 points
+    mix = {"mean_kl": 0.85, "top1_agreement": 0.50}
+    result = verdict({"sft": sft, "kd": kd, "mix": mix})
+    assert result["best"] == "kd"
+    assert result["kl_drop"] == pytest.approx(0.25)
+    assert result["agreement_gain"] == pytest.approx(0.04)
+    assert result["met"] is True
+    # Lower KL but too little agreement gained: not met.
+    short = verdict({"sft": sft, "kd": {"mean_kl": 0.7, "top1_agreement": 0.42}})
+    assert short["best"] == "kd" and short["met"] is False
+    # Agreement gained but the KL barely moved: not met.
+    flat = verdict({"sft": sft, "mix": {"mean_kl": 0.9, "top1_agreement": 0.5}})
+    assert flat["met"] is False
+
+
+def test_zero_distill_steps_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--distill-steps", "0"])
