@@ -84,7 +84,8 @@ def _check(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: agent.log_level must be one of {', '.join(LOG_LEVELS)}")
     for section, key in (
         ("agent", "max_body_bytes"), ("agent", "max_upload_bytes"),
-        ("agent", "max_constraint_bytes"), ("decoder", "ctx_size"), ("decoder", "threads"),
+        ("agent", "max_constraint_bytes"), ("agent", "max_connections"), ("decoder", "ctx_size"),
+        ("decoder", "threads"),
         ("decoder", "batch_size"),
         ("decoder", "ubatch_size"), ("decoder", "parallel"), ("encoder", "ctx_size"),
         ("encoder", "threads"), ("encoder", "batch_size"), ("encoder", "ubatch_size"),
@@ -93,6 +94,8 @@ def _check(cfg: Config, source: str) -> None:
     ):  # fmt: skip
         if cfg[section][key] < 1:
             raise ConfigError(f"{source}: {section}.{key} must be at least 1")
+    if not agent["head_timeout_s"] > 0:
+        raise ConfigError(f"{source}: agent.head_timeout_s must be positive")
     for key in ("cache_type_k", "cache_type_v"):
         if cfg["decoder"][key] not in KV_TYPES:
             raise ConfigError(f"{source}: decoder.{key} must be one of {', '.join(KV_TYPES)}")

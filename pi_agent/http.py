@@ -5,29 +5,45 @@ against this module's few hundred kB), and the agent needs little: keep-alive, `
 request bodies (JSON or a streamed upload), plain and chunked responses for SSE streaming, files
 sent with ``sendfile`` (one byte range at most), and a client that proxies to llama-server on
 127.0.0.1. Every failure answers a JSON error, never a traceback.
+
+A flood must not take the agent down (issue 13): the server holds at most ``max_connections``,
+making room by closing the connection that has waited longest for a request head (a fresh
+``/healthz`` still gets in), gives a head ``head_timeout_s`` to arrive, lifts its soft open
+files limit to the hard one, and answers running out of fds with one warning per 10 s instead
+of asyncio's traceback per failed accept. Request heads are parsed in ``http_parse``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import json
 import logging
 import math
 import re
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, BinaryIO
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from pi_agent.http_listen import listen, raise_open_files_limit
+from pi_agent.http_parse import MAX_HEADER_BYTES, Head, HeadError, parse_head
+
 log = logging.getLogger(__name__)
 
-MAX_HEADER_BYTES = 32 * 1024
-MAX_HEADERS = 100
-KEEPALIVE_S = 75.0
-HEADER_TIMEOUT_S = 30.0
+MAX_CONNECTIONS = 256  # agent.max_connections: far below the unit's LimitNOFILE of 4,096
+HEAD_TIMEOUT_S = 5.0  # agent.head_timeout_s: from accept, or from a head's first byte
+KEEPALIVE_S = 75.0  # a kept-alive connection's wait for the next request's first byte
 BODY_TIMEOUT_S = 60.0
+LISTEN_BACKLOG = 1024  # room for a burst of connects: a fresh one is not left to SYN retries
+ACCEPT_RETRY_S = 0.1  # after a failed accept: the listening socket stays readable meanwhile
+ACCEPT_WARN_EVERY_S = 10.0
+OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 SENDFILE_SLICE = 1 << 20  # a file goes out in slices of this size...
 SENDFILE_STALL_S = 60.0  # ...each within this time, else the client is dropped
 
@@ -139,30 +155,22 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, min(number(last), size - 1) if last else size - 1
 
 
+class ClientGone(ConnectionError):
+    """The client reset or closed the connection while its request body was being read."""
+
+
 class Request:
     """One parsed request; the body is read only when the handler asks for it."""
 
-    def __init__(
-        self,
-        method: str,
-        target: str,
-        headers: dict[str, str],
-        reader: asyncio.StreamReader,
-        peer: str,
-    ) -> None:
-        self.method = method
-        parts = urlsplit(target)
+    def __init__(self, head: Head, reader: asyncio.StreamReader, peer: str) -> None:
+        self.method = head.method
+        parts = urlsplit(head.target)
         self.path = unquote(parts.path)
         self.query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        self.headers = headers
+        self.headers = head.headers
         self.peer = peer
         self._reader = reader
-        length = headers.get("content-length")
-        if "transfer-encoding" in headers:
-            raise HTTPError(411, "chunked request bodies are not supported; send Content-Length")
-        if length is not None and not (length.isdigit() and len(length) < 19):
-            raise HTTPError(400, "bad Content-Length")
-        self.content_length = int(length) if length is not None else 0
+        self.content_length = head.content_length
         self._remaining = self.content_length
 
     @property
@@ -201,6 +209,8 @@ class Request:
                 )
             except TimeoutError:
                 raise HTTPError(408, "timed out reading the request body") from None
+            except ConnectionError as exc:  # not the handler's error to answer: nobody listens
+                raise ClientGone(str(exc)) from None
             if not chunk:
                 raise HTTPError(400, "the request body ended early")
             self._remaining -= len(chunk)
@@ -222,89 +232,157 @@ def _head(status: int, headers: dict[str, str]) -> bytes:
 
 
 class Server:
-    """Serves ``handler`` on a host and port, keep-alive included."""
+    """Serves ``handler`` on a host and port, keep-alive included, with at most
+    ``max_connections`` open connections."""
 
-    def __init__(self, handler: Handler, server_name: str = "pi-agent") -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        server_name: str = "pi-agent",
+        max_connections: int = MAX_CONNECTIONS,
+        head_timeout_s: float = HEAD_TIMEOUT_S,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+        if not head_timeout_s > 0:
+            raise ValueError(f"head_timeout_s must be positive, not {head_timeout_s}")
         self.handler = handler
         self.server_name = server_name
-        self._server: asyncio.Server | None = None
+        self.max_connections = max_connections
+        self.head_timeout_s = head_timeout_s
+        self._listeners: list[socket.socket] = []
+        self._acceptors: set[asyncio.Task[None]] = set()
         self._connections: set[asyncio.Task[None]] = set()
+        self._evicted: set[asyncio.Task[None]] = set()  # cancelled, not yet finished
+        # The connections waiting for a request head, longest waiting first: who makes room.
+        self._waiting: dict[asyncio.Task[None], None] = {}
+        self._accept_failures = 0
+        self._warned_at = -math.inf
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being served or waiting for a request (not those being dropped)."""
+        return len(self._connections) - len(self._evicted)
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (``port=0`` picks one)."""
-        self._server = await asyncio.start_server(
-            self._connection, host, port, limit=MAX_HEADER_BYTES, reuse_address=True
-        )
-        return self._server.sockets[0].getsockname()[1]
+        raise_open_files_limit()
+        self._listeners = listen(host, port, LISTEN_BACKLOG)
+        loop = asyncio.get_running_loop()
+        for sock in self._listeners:
+            task = loop.create_task(self._accept(sock), name=f"accept {sock.getsockname()}")
+            self._acceptors.add(task)
+        return self._listeners[0].getsockname()[1]
 
     async def close(self) -> None:
         """Stop listening and end the open connections."""
-        if self._server is not None:
-            self._server.close()
+        for task in self._acceptors:
+            task.cancel()
+        await asyncio.gather(*self._acceptors, return_exceptions=True)
+        self._acceptors.clear()
+        for sock in self._listeners:
+            sock.close()
         for task in list(self._connections):
             task.cancel()
         if self._connections:
             await asyncio.gather(*self._connections, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, listener: socket.socket) -> None:
+        # asyncio's own accept loop answers EMFILE with a traceback for each of up to 100
+        # accepts per wake-up, then retries them all a second later: 32k tracebacks in 16 s.
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(listener)
+            except ConnectionAbortedError:  # the client gave up while queued
+                continue
+            except OSError as exc:
+                self._accept_failed(exc)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
+            if self.open_connections >= self.max_connections and not self._evict_idle():
+                conn.close()  # every connection is busy with a request: this one waits its turn
+                continue
+            peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+            task = loop.create_task(self._connection(conn, peer))
+            self._connections.add(task)
+            self._waiting[task] = None
+            # A task cancelled before it ran never runs its finally: forget it here.
+            task.add_done_callback(functools.partial(self._finished, conn))
+            await asyncio.sleep(0)  # sock_accept never yields while a burst is queued
+
+    def _finished(self, conn: socket.socket, task: asyncio.Task[None]) -> None:
+        self._connections.discard(task)
+        self._evicted.discard(task)
+        self._waiting.pop(task, None)
+        conn.close()  # a no-op once its transport closed it
+
+    def _accept_failed(self, exc: OSError) -> None:
+        if exc.errno in OUT_OF_FDS:
+            self._evict_idle()  # its fd goes to the next accept
+        self._accept_failures += 1
+        now = time.monotonic()
+        if now - self._warned_at >= ACCEPT_WARN_EVERY_S:
+            log.warning(
+                "cannot accept connections: %s (%d failed accepts since the last warning)",
+                exc,
+                self._accept_failures,
+            )
+            self._warned_at, self._accept_failures = now, 0
+
+    def _evict_idle(self) -> bool:
+        """Close the connection that has waited longest for a request head (False: none)."""
+        if not self._waiting:
+            return False
+        task = next(iter(self._waiting))
+        del self._waiting[task]
+        self._evicted.add(task)
+        task.cancel()
+        return True
+
+    async def _connection(self, conn: socket.socket, peer: str) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
-        peer = writer.get_extra_info("peername")
-        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        writer: asyncio.StreamWriter | None = None
         try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_HEADER_BYTES)
             first = True
-            while await self._one(reader, writer, peer_text, first):
+            while await self._one(reader, writer, peer, first, task):
                 first = False
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, asyncio.CancelledError):
-            pass  # the client went away, or the server is closing
+        except ConnectionError as exc:  # a reset or a broken pipe: the client's doing
+            log.debug("connection from %s closed: %s", peer, exc)
+        except (asyncio.IncompleteReadError, TimeoutError, asyncio.CancelledError):
+            pass  # the client went away, was dropped to make room, or the server is closing
         except OSError as exc:  # a file being sent failed mid-way: only closing is left
-            log.warning("connection from %s dropped: %s", peer_text, exc)
+            log.warning("connection from %s dropped: %s", peer, exc)
         finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
+            if writer is None:
+                conn.close()
+            else:
+                writer.close()
+                with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                    await writer.wait_closed()
 
-    async def _read_head(
-        self, reader: asyncio.StreamReader, first: bool
-    ) -> tuple[str, str, str, dict[str, str]] | None:
+    async def _read_head(self, reader: asyncio.StreamReader, first: bool) -> Head | None:
+        """The next request head; ``None`` when the client closed or stayed quiet too long.
+
+        A new connection has ``head_timeout_s`` for its whole head. A kept-alive one may stay
+        quiet for ``KEEPALIVE_S``, then has ``head_timeout_s`` from its next head's first byte.
+        """
+        start = b""
         try:
-            raw = await asyncio.wait_for(
-                reader.readuntil(b"\r\n\r\n"), HEADER_TIMEOUT_S if first else KEEPALIVE_S
-            )
+            if not first:
+                start = await asyncio.wait_for(reader.readexactly(1), KEEPALIVE_S)
+            raw = start + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.head_timeout_s)
         except asyncio.LimitOverrunError:
-            raise HTTPError(431, "request headers too large") from None
+            raise HeadError(431, "request headers too large") from None
         except asyncio.IncompleteReadError as exc:
-            if exc.partial.strip():
-                raise HTTPError(400, "incomplete request") from None
+            if (start + exc.partial).strip():
+                raise HeadError(400, "incomplete request") from None
             return None
         except TimeoutError:
             return None
-        try:
-            text = raw.decode("latin-1")
-        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-            raise HTTPError(400, "bad request encoding") from None
-        lines = text.split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith("/"):
-            raise HTTPError(400, "bad request line")
-        method, target, version = parts
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are served")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if not line:
-                continue
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip() or any(c in name for c in " \t"):
-                raise HTTPError(400, "bad header line")
-            headers[name.lower()] = value.strip()
-            if len(headers) > MAX_HEADERS:
-                raise HTTPError(431, "too many request headers")
-        return method, target, version, headers
+        return parse_head(raw)
 
     async def _one(
         self,
@@ -312,31 +390,33 @@ class Server:
         writer: asyncio.StreamWriter,
         peer: str,
         first: bool,
+        task: asyncio.Task[None],
     ) -> bool:
-        request: Request | None = None
-        keep_alive = False
+        self._waiting[task] = None  # last in line to make room
         try:
             head = await self._read_head(reader, first)
-            if head is None:
-                return False
-            method, target, version, headers = head
-            connection = headers.get("connection", "").lower()
-            keep_alive = (version == "HTTP/1.1" and connection != "close") or (
-                connection == "keep-alive"
-            )
-            request = Request(method, target, headers, reader, peer)
+        except HeadError as exc:  # framing in doubt: answer, then close
+            response = Response(exc.status, error_body(exc.status, exc.message))
+            await self._send(writer, response, False, None)
+            return False
+        finally:
+            self._waiting.pop(task, None)
+        if head is None:
+            return False
+        request = Request(head, reader, peer)
+        try:
             response = await self.handler(request)
         except HTTPError as exc:
             response = Response(
                 exc.status, error_body(exc.status, exc.message), headers=exc.headers
             )
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ClientGone):
             raise
         except Exception:
             log.exception("unhandled error")
             response = Response(500, error_body(500, "internal error"))
-        if request is None or not request.consumed:
-            keep_alive = False  # an unread body would be parsed as the next request
+        # An unread body would be parsed as the next request.
+        keep_alive = head.keep_alive and request.consumed
         await self._send(writer, response, keep_alive, request)
         return keep_alive
 
