@@ -3,10 +3,18 @@
 Tests point ``root`` at fake trees of a Pi 4 and a Pi 5 (``tests/fixtures/pi_agent``); on a Pi it
 is ``/``. Every reader raises ``OSError``/``ValueError`` on a missing or odd file and leaves the
 choice of what that means to its caller (a collector reports failure, ``/v1/status`` a null).
+
+The throttling word comes from ``vcgencmd`` where it works, which is a process: one that fails
+(the agent's user outside the ``video`` group), hangs or is missing gives way to sysfs within
+``VCGENCMD_TIMEOUT_S``. On the event loop, ``await throttled_async``: it runs vcgencmd off the
+loop and answers ``None`` for "unknown" instead of raising.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import re
 import socket
@@ -28,6 +36,9 @@ SYSFS_THROTTLED = (
     "sys/devices/platform/*firmware*/get_throttled",
 )
 USER_HZ = 100
+VCGENCMD_TIMEOUT_S = 2.0  # it answers in tens of ms; a 4 s one stalled the agent
+
+log = logging.getLogger(__name__)
 CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
@@ -98,14 +109,35 @@ class Host:
                 return int(path.read_text().strip(), 16)
         raise OSError("no get_throttled in sysfs")
 
-    def throttled(self, vcgencmd: str = "") -> tuple[int, str]:
-        """The get_throttled word and its source: ``vcgencmd`` where present, else sysfs."""
+    def throttled(self, vcgencmd: str = "", timeout: float = VCGENCMD_TIMEOUT_S) -> tuple[int, str]:
+        """The get_throttled word and its source: ``vcgencmd`` where it answers within
+        ``timeout``, else sysfs. Blocks meanwhile: on the event loop, await ``throttled_async``."""
         if vcgencmd and os.access(vcgencmd, os.X_OK):
-            out = subprocess.run(
-                [vcgencmd, "get_throttled"], capture_output=True, text=True, timeout=5, check=True
-            ).stdout
-            return parse_vcgencmd_throttled(out), "vcgencmd"
+            try:
+                out = subprocess.run(
+                    [vcgencmd, "get_throttled"],
+                    capture_output=True, text=True, timeout=timeout, check=True,
+                ).stdout  # fmt: skip
+                return parse_vcgencmd_throttled(out), "vcgencmd"
+            except (OSError, ValueError, subprocess.SubprocessError) as exc:
+                log.debug("%s get_throttled failed, reading sysfs: %s", vcgencmd, exc)
         return self.throttled_sysfs(), "sysfs"
+
+    async def throttled_async(
+        self, vcgencmd: str = "", timeout: float = VCGENCMD_TIMEOUT_S
+    ) -> tuple[int, str] | None:
+        """``throttled`` without blocking the event loop; ``None`` when neither vcgencmd nor
+        sysfs can tell."""
+        if vcgencmd and os.access(vcgencmd, os.X_OK):
+            try:
+                out = await _run(vcgencmd, "get_throttled", timeout=timeout)
+                return parse_vcgencmd_throttled(out), "vcgencmd"
+            except (OSError, ValueError, TimeoutError) as exc:
+                log.debug("%s get_throttled failed, reading sysfs: %s", vcgencmd, exc)
+        try:
+            return self.throttled_sysfs(), "sysfs"
+        except (OSError, ValueError):
+            return None
 
     def meminfo(self) -> dict[str, int]:
         """``/proc/meminfo`` in bytes."""
@@ -161,6 +193,24 @@ class Host:
         ):
             out.append((path.parent.parent.name[3:], int(path.read_text().strip()) * 1000.0))
         return out
+
+
+async def _run(*command: str, timeout: float) -> str:
+    """A command's stdout; ``OSError`` when it exits non-zero, ``TimeoutError`` (and the command
+    killed) when it takes longer than ``timeout``."""
+    proc = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except BaseException:  # a timeout, or the caller cancelled: leave nothing running
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise OSError(f"{command[0]} exited with {proc.returncode}")
+    return out.decode(errors="replace")
 
 
 def decode_throttled(word: int) -> dict[str, dict[str, bool]]:

@@ -120,7 +120,10 @@ class ThrottlingCollector:
         self.vcgencmd = vcgencmd
 
     async def collect(self) -> list[Family]:
-        word, source = self.host.throttled(self.vcgencmd)
+        reading = await self.host.throttled_async(self.vcgencmd)
+        if reading is None:
+            raise OSError("neither vcgencmd nor sysfs gives the get_throttled word")
+        word, source = reading
         raw = gauge("pi_agent_throttled_raw", "The firmware's get_throttled word.").add(
             word, source=source
         )
