@@ -24,7 +24,6 @@ from typing import Any
 
 from pi_agent import __version__, http, metrics, sdnotify, structured
 from pi_agent.config import Config
-from pi_agent.fsutil import atomic_write
 from pi_agent.host import Host, decode_throttled
 from pi_agent.http import (
     AnyResponse,
@@ -38,10 +37,10 @@ from pi_agent.http import (
 from pi_agent.openapi import SCHEMAS, ValidationError, document, validate
 from pi_agent.store import SHA256_RE, ModelStore, StoreError
 from pi_agent.supervisor import Supervisor
+from pi_agent.switch import PENDING, Switcher
 
 log = logging.getLogger(__name__)
 
-PENDING = "pending-switch.json"
 _VERSION_PATH = re.compile(r"^/v1/models/([^/]+)(/activate)?$")
 _BLOB_PATH = re.compile(r"^/v1/blobs/([^/]*)$")
 # How llama-server's errors about a schema or a grammar begin or read (tools/server at 0c1e570).
@@ -60,7 +59,7 @@ class Agent:
         self.server = http.Server(self.handle)
         self.port = 0
         self._bench_lock = asyncio.Lock()
-        self._switch_lock = asyncio.Lock()
+        self.switcher = Switcher(self)
         self._ready_cache: tuple[float, bool] = (0.0, False)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -152,7 +151,7 @@ class Agent:
         self._spawn(self._llama_version())
         await self._sync_supervisors()
         if (self.store.root / PENDING).is_file():
-            self._spawn(self._finish_interrupted_switch())
+            self._spawn(self.switcher.finish_interrupted(self.store))
         agent = self.cfg["agent"]
         self.port = await self.server.start(agent["listen"], agent["port"])
         log.info("pi-agent %s listening on http://%s:%d", __version__, agent["listen"], self.port)
@@ -289,7 +288,8 @@ class Agent:
         return data
 
     async def readyz(self, request: Request) -> Response:
-        """200 when every enabled llama-server is up and answering."""
+        """200 when every enabled llama-server is up and answering, and no switch is under way
+        (one interrupted by a stop is finished first: its model is not probed yet)."""
         now = time.monotonic()
         checked, ready = self._ready_cache
         states = {role: sup.state for role, sup in self.supervisors.items()}
@@ -300,6 +300,7 @@ class Agent:
                 and all(state == "ready" for state in states.values())
             )
             self._ready_cache = (now, ready)
+        ready = ready and not self.switcher.lock.locked()
         body = {"ready": ready, "servers": states}
         return Response.json(body, 200 if ready else 503, {} if ready else {"Retry-After": "1"})
 
@@ -522,7 +523,7 @@ class Agent:
     async def delete_model(self, request: Request) -> Response:
         """Delete a version that is neither active nor previous."""
         version = _VERSION_PATH.match(request.path).group(1)  # type: ignore[union-attr]
-        async with self._switch_lock:
+        async with self.switcher.lock:
             await asyncio.to_thread(self.store.remove, version)
         return Response.json({"deleted": version})
 
@@ -538,73 +539,35 @@ class Agent:
             raise HTTPError(409, "no previous model version to roll back to")
         return await self._switch(previous)
 
-    async def _restart_decoder(self) -> str | None:
-        sup = self.supervisors.get("decoder")
-        if sup is None or self.cfg["decoder"]["model"]:
+    async def _switch(self, version: str, created: bool = False) -> Response:
+        done = await self.switcher.switch(self.store, version)
+        done["sha256"] = self.store.manifest(version)["sha256"]
+        return Response.json(done, 201 if created else 200)
+
+    # the decoder, as a switch restarts and probes it (pi_agent.switch.Decoder)
+
+    def _store_decoder(self) -> Supervisor | None:
+        """The decoder when it serves the store's active model (not an explicit one)."""
+        return None if self.cfg["decoder"]["model"] else self.supervisors.get("decoder")
+
+    async def restart(self) -> str | None:
+        """Restart the decoder on the active model and probe it (stopped when there is none)."""
+        sup = self._store_decoder()
+        if sup is None:
             return None  # nothing serves the store's model here: the switch is all there is
-        await sup.restart(self.store.active_model())
+        model = self.store.active_model()
+        await sup.restart(model)
+        return None if model is None else await self.probe()
+
+    async def probe(self) -> str | None:
+        """Probe the decoder serving the active model; ``None`` when it answers."""
+        sup = self._store_decoder()
+        if sup is None or self.store.active() is None:
+            return None
         store = self.cfg["store"]
         return await sup.probe(
             store["probe_prompt"], store["probe_max_tokens"], store["probe_timeout_s"]
         )
-
-    async def _switch(self, version: str, created: bool = False) -> Response:
-        if self._switch_lock.locked():
-            raise HTTPError(409, "another model switch is in progress")
-        async with self._switch_lock:
-            self.store.manifest(version)
-            old = self.store.active()
-            marker = self.store.root / PENDING
-            await asyncio.to_thread(atomic_write, marker, json.dumps({"from": old, "to": version}))
-            try:
-                await asyncio.to_thread(self.store.switch, version)
-                failure = await self._restart_decoder() if old != version else None
-                if failure is not None:
-                    log.error(
-                        "model %s failed its probe (%s); rolling back to %s", version, failure, old
-                    )
-                    if old is not None:
-                        await asyncio.to_thread(self.store.switch, old, False)
-                        await self._restart_decoder()
-                    raise HTTPError(
-                        409,
-                        f"model {version} failed its readiness probe "
-                        f"({failure}); rolled back to {old}",
-                    )
-                removed = await asyncio.to_thread(self.store.prune)
-            finally:
-                marker.unlink(missing_ok=True)
-        manifest = self.store.manifest(version)
-        return Response.json(
-            {"active": version, "previous": old, "pruned": removed, "sha256": manifest["sha256"]},
-            201 if created else 200,
-        )
-
-    async def _finish_interrupted_switch(self) -> None:
-        marker = self.store.root / PENDING
-        try:
-            pending = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            marker.unlink(missing_ok=True)
-            return
-        async with self._switch_lock:
-            sup = self.supervisors.get("decoder")
-            store = self.cfg["store"]
-            if sup is not None and not self.cfg["decoder"]["model"] and self.store.active():
-                failure = await sup.probe(
-                    store["probe_prompt"], store["probe_max_tokens"], store["probe_timeout_s"]
-                )
-                old = pending.get("from")
-                if failure and old and self.store.active() != old:
-                    log.error(
-                        "interrupted switch: %s fails (%s); back to %s",
-                        self.store.active(),
-                        failure,
-                        old,
-                    )
-                    await asyncio.to_thread(self.store.switch, old, False)
-                    await self._restart_decoder()
-            marker.unlink(missing_ok=True)
 
     # benchmarks
 

@@ -334,6 +334,17 @@ class ModelStore:
         atomic_symlink(self.current, f"versions/{version}")
         return old
 
+    def restore(self, active: str | None, previous: str | None) -> None:
+        """Point ``current`` and ``previous`` at these versions (``None``: no link), ``previous``
+        first: a switch moves ``current`` last, so its marker tells the two apart after a kill."""
+        for link, version in ((self.previous, previous), (self.current, active)):
+            if version is None:
+                if link.is_symlink():
+                    link.unlink()
+                    fsync_dir(self.root)
+            elif self._link_version(link) != version:
+                atomic_symlink(link, f"versions/{version}")
+
     def rollback(self) -> str:
         """Switch back to ``previous``; returns the version now active."""
         previous = self.previous_version()

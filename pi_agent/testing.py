@@ -23,6 +23,16 @@ from typing import Any
 _PORT = re.compile(r"listening on http://[\d.]+:(\d+)")
 
 
+def stub_llama_server(bin_dir: Path, script: Path) -> Path:
+    """``bin_dir/llama-server`` that runs ``script`` (a stand-in llama-server) with this Python;
+    returns ``bin_dir`` for ``llama.bin_dir``."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    server = bin_dir / "llama-server"
+    server.write_text(f"#!{sys.executable}\n" + Path(script).read_text())
+    server.chmod(0o755)
+    return bin_dir
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

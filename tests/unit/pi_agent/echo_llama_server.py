@@ -1,5 +1,6 @@
 """A stand-in llama-server for the agent's unit tests: it answers /health, /metrics and /slots, and
-answers each completion with the JSON body it received, so a test sees what the agent sent on.
+answers each completion with the JSON body it received (and one choice, which a probe needs), so a
+test sees what the agent sent on.
 
     echo_llama_server.py --port 8080 [any other llama-server flags, ignored]
 
@@ -7,6 +8,11 @@ A completion whose ``grammar`` is ``root ::= "fail"`` gets the 500 that llama-se
 constraint it cannot convert (an exception other than ``invalid_argument``); the prompt ``fail``
 gets the same 500 without a constraint, and the prompt ``parser`` the 500 of llama-server's chat
 parser failing on the model's output (whatever the constraint).
+
+The stand-in reads its ``--model`` once at start, as llama-server loads it: weights that begin with
+``FAIL-PROBE`` get that 500 on every completion (a model that loads but cannot answer), weights
+that begin with ``FAIL-START`` make it exit with 1 at once (a model that does not load). Every
+completion names the weights it serves (``model``, the path with links resolved).
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ from __future__ import annotations
 import json
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 FAIL_GRAMMAR = 'root ::= "fail"'
+MODEL = ""  # the resolved --model path
+BROKEN = False  # the weights begin with FAIL-PROBE
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -35,7 +44,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         received = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if received.get("grammar") == FAIL_GRAMMAR or received.get("prompt") == "fail":
+        if BROKEN or received.get("grammar") == FAIL_GRAMMAR or received.get("prompt") == "fail":
             message = "JSON schema conversion failed:\nstub: no grammar for this"
             self._answer(500, {"error": {"code": 500, "message": message, "type": "server_error"}})
             return
@@ -43,7 +52,12 @@ class Handler(BaseHTTPRequestHandler):
             message = "The model produced output that does not match the expected peg-native format"
             self._answer(500, {"error": {"code": 500, "message": message, "type": "server_error"}})
             return
-        self._answer(200, {"object": "echo", "path": self.path, "received": received})
+        choice = {"index": 0, "text": "echo", "finish_reason": "stop"}  # what a probe needs
+        self._answer(
+            200,
+            {"object": "echo", "path": self.path, "model": MODEL, "received": received,
+             "choices": [choice]},
+        )  # fmt: skip
 
     def log_message(self, *args: object) -> None:
         pass
@@ -53,7 +67,16 @@ def main(argv: list[str]) -> int:
     if "--version" in argv:
         print("version: 0 (echo stand-in)")
         return 0
+    global MODEL, BROKEN
     port = int(argv[argv.index("--port") + 1])
+    if "--model" in argv:
+        model = Path(argv[argv.index("--model") + 1]).resolve()
+        MODEL = str(model)
+        with model.open("rb") as weights:
+            head = weights.read(10)
+        if head == b"FAIL-START":
+            return 1
+        BROKEN = head == b"FAIL-PROBE"
     ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
     return 0
 
