@@ -33,6 +33,35 @@ def stub_llama_server(bin_dir: Path, script: Path) -> Path:
     return bin_dir
 
 
+def agent_with_stub(
+    base: Path,
+    script: Path,
+    weights: dict[str, bytes],
+    active: str | None = None,
+    config: dict[str, dict[str, Any]] | None = None,
+) -> AgentProcess:
+    """An agent (not started) whose decoder is the stand-in llama-server ``script``, with these
+    versions installed in its store (and ``active`` switched to), probes quick to fail."""
+    import hashlib
+
+    from pi_agent.store import ModelStore
+
+    store = ModelStore(base / "state" / "models")
+    store.recover()
+    for version, data in weights.items():
+        store.install(version, [data], hashlib.sha256(data).hexdigest())
+    if active is not None:
+        store.switch(active)
+    merged: dict[str, dict[str, Any]] = {
+        "llama": {"bin_dir": stub_llama_server(base / "bin", script), "restart_backoff_s": 0.1},
+        "metrics": {"vcgencmd": ""},
+        "store": {"keep_versions": 3, "free_space_margin_mib": 0, "probe_timeout_s": 10.0},
+    }
+    for section, values in (config or {}).items():
+        merged.setdefault(section, {}).update(values)
+    return AgentProcess(base, merged)
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import http.client
 import random
 import threading
@@ -15,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pi_agent.store import ModelStore
-from pi_agent.testing import AgentProcess, stub_llama_server
+from pi_agent.testing import AgentProcess, agent_with_stub
 
 ECHO = Path(__file__).with_name("echo_llama_server.py")
 WEIGHTS = {
@@ -24,21 +22,6 @@ WEIGHTS = {
     "good": b"GGUF-good" * 512,
     "bad": b"FAIL-PROBE" + b"x" * 4086,  # loads, then fails every completion: its probe fails
 }
-
-
-def agent_with_models(base: Path) -> AgentProcess:
-    """An agent (not started) in front of the stand-in, holding old (active), good and bad."""
-    store = ModelStore(base / "state" / "models")
-    store.recover()
-    for version, data in WEIGHTS.items():
-        store.install(version, [data], hashlib.sha256(data).hexdigest())
-    store.switch("old")
-    config = {
-        "llama": {"bin_dir": stub_llama_server(base / "bin", ECHO), "restart_backoff_s": 0.1},
-        "metrics": {"vcgencmd": ""},
-        "store": {"keep_versions": 3, "free_space_margin_mib": 0, "probe_timeout_s": 10.0},
-    }
-    return AgentProcess(base, config)
 
 
 def models(agent: AgentProcess) -> tuple[str | None, str | None]:
@@ -68,7 +51,7 @@ def activate(agent: AgentProcess, version: str) -> None:
 
 @pytest.mark.slow
 def test_sigterm_at_random_points_of_a_switch_leaves_a_probed_model(tmp_path: Path) -> None:
-    agent = agent_with_models(tmp_path)
+    agent = agent_with_stub(tmp_path, ECHO, WEIGHTS, active="old")
     versions = agent.state_dir / "models" / "versions"
     marker = agent.state_dir / "models" / "pending-switch.json"
     rng = random.Random(13)
