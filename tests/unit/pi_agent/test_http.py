@@ -193,6 +193,24 @@ def test_a_keep_alive_connection_may_wait_longer_than_the_head_timeout_between_r
     asyncio.run(go())
 
 
+def test_keep_alive_answers_do_not_wait_for_a_delayed_ack() -> None:
+    async def go() -> float:
+        async with Served() as served:
+            reader, writer = await served.connect()
+            took = []
+            for _ in range(21):
+                start = time.perf_counter()
+                writer.write(HEALTHZ)
+                await _answer(reader)
+                took.append(time.perf_counter() - start)
+            writer.close()
+            return sorted(took)[10]
+
+    # Head and body go out as two writes: without TCP_NODELAY the body waits for the client's
+    # delayed ACK of the head, 40 ms on Linux.
+    assert asyncio.run(go()) < 0.02
+
+
 @dataclass(frozen=True)
 class BadLimits:
     limits: dict[str, Any]
