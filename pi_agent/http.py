@@ -327,7 +327,7 @@ class Server:
         now = time.monotonic()
         if now - self._warned_at >= ACCEPT_WARN_EVERY_S:
             log.warning(
-                "cannot accept connections: %s (%d failed accepts since the last warning)",
+                "cannot accept connections: %s (failed %d times since the last warning)",
                 exc,
                 self._accept_failures,
             )
