@@ -14,30 +14,45 @@ A version directory appears by one rename of a fully written and verified direct
 links change by one rename each (``fsutil.atomic_symlink``), so a kill -9 or a power cut at any
 moment leaves ``current`` on the old model or the new one, each intact. ``recover()`` sweeps the
 leftovers of an interrupted install or switch at start-up.
+
+Each install writes in its own ``versions/.incoming-<version>-<random>`` and holds the version's
+lock (``flock`` on ``versions/.<version>.lock``) from ``begin`` to its commit or abort: an upload,
+a download and a move from the incoming folder run in the agent's threads, and another process may
+open the store too. A second install of a version waits, then finds it installed (409).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import stat
+import tempfile
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pi_agent.fsutil import atomic_symlink, atomic_write, fsync_dir, sha256_file
 
+log = logging.getLogger(__name__)
+
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MODEL_FILE = "model.gguf"
 MANIFEST = "manifest.json"
 MIB = 1 << 20
+MAX_NAME = 128  # a version's display name, in characters
+INSTALL_WAIT_S = 3600.0  # how long an install waits for another install of the same version
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class StoreError(Exception):
@@ -134,7 +149,10 @@ class ModelStore:
     def open_blob(self, sha256: str) -> BinaryIO:
         """The weights of an installed version with this sha256, opened (404 when none).
 
-        The open file stays whole even if the version is removed while it is being read.
+        The open file must be the one its manifest describes: same size, inode and modification
+        time as at install. A file that differs (copied back from a backup, say) is hashed once,
+        served and recorded when its sha256 matches, else refused. The open file stays whole
+        even if the version is removed while it is being read.
         """
         for manifest in self.list():
             if manifest["sha256"] != sha256:
@@ -143,10 +161,30 @@ class ModelStore:
                 handle = (self.versions / manifest["version"] / MODEL_FILE).open("rb")
             except OSError:
                 continue  # removed since it was listed
-            if os.fstat(handle.fileno()).st_size == manifest["size"]:
+            if self._same_file(manifest, handle):
                 return handle
             handle.close()
         raise StoreError(f"no installed model has sha256 {sha256}", 404)
+
+    def _same_file(self, manifest: dict[str, Any], handle: BinaryIO) -> bool:
+        st = os.fstat(handle.fileno())
+        if st.st_size != manifest["size"]:
+            return False
+        if identity(st) == {k: manifest.get(k) for k in ("inode", "mtime_ns")}:
+            return True
+        version = manifest["version"]
+        digest = hashlib.sha256()
+        while block := handle.read(MIB):
+            digest.update(block)
+        handle.seek(0)
+        if digest.hexdigest() != manifest["sha256"]:
+            log.error("model version %s: its weights no longer match their sha256", version)
+            return False
+        manifest = {k: v for k, v in manifest.items() if k not in ("active", "previous")}
+        manifest.update(identity(st))  # rehashed once: recorded as it is now
+        with contextlib.suppress(OSError):
+            atomic_write(self.versions / version / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        return True
 
     def verify(self, version: str) -> dict[str, Any]:
         """The manifest, after checking the weights' size and sha256 against it."""
@@ -170,6 +208,11 @@ class ModelStore:
         ):
             raise StoreError(f"bad version name {version!r} (letters, digits, . _ -)", 400)
 
+    def lock(self, version: str) -> VersionLock:
+        """The lock that one install of ``version`` holds at a time (not yet acquired)."""
+        self._check_name(version)
+        return VersionLock(self.versions / f".{version}.lock", version)
+
     def free_bytes(self) -> int:
         """Free space on the store's file system."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -191,18 +234,29 @@ class ModelStore:
         name: str = "",
         size_hint: int | None = None,
         source: str = "upload",
+        wait: float = INSTALL_WAIT_S,
     ) -> Incoming:
-        """Start writing a version (every check that can fail early fails here)."""
+        """Start writing a version (every check that can fail early fails here), holding its
+        lock until the commit or the abort; waits up to ``wait`` seconds for another install of
+        the same version to end."""
         self._check_name(version)
         sha256 = sha256.lower() if isinstance(sha256, str) else ""
         if not SHA256_RE.fullmatch(sha256):
             raise StoreError("sha256 must be 64 hex digits", 400)
-        if (self.versions / version).exists():
-            raise StoreError(f"model version {version!r} is already installed", 409)
-        if size_hint is not None:
-            self._check_space(size_hint)
+        if not isinstance(name, str) or len(name) > MAX_NAME:
+            raise StoreError(f"name longer than {MAX_NAME} characters", 400)
         self.versions.mkdir(parents=True, exist_ok=True)
-        return Incoming(self, version, sha256, name or version, size_hint, source)
+        lock = self.lock(version)
+        lock.acquire(wait)
+        try:
+            if (self.versions / version).exists():
+                raise StoreError(f"model version {version!r} is already installed", 409)
+            if size_hint is not None:
+                self._check_space(size_hint)
+            return Incoming(self, version, sha256, name or version, size_hint, source, lock)
+        except BaseException:
+            lock.release()
+            raise
 
     def install(
         self,
@@ -294,17 +348,37 @@ class ModelStore:
     def install_url(
         self, version: str, url: str, sha256: str, name: str = "", timeout: float = 600.0
     ) -> dict[str, Any]:
-        """Download a version over http(s), verified by sha256 (blocking: run it in a thread)."""
+        """Download a version over http(s), verified by sha256 (blocking: run it in a thread).
+
+        Credentials in the URL (``user:password@``) go as HTTP basic auth and never into an
+        error or the manifest's ``source``.
+        """
+        import base64
         import http.client
         import urllib.error
         import urllib.request
 
         if not url.startswith(("http://", "https://")):
             raise StoreError("url must be http:// or https://", 400)
+        plain, userinfo = split_credentials(url)
+        shown = redact(url)
+        secrets = [part for part in (userinfo, *userinfo.split(":", 1)) if part]
+
+        def said(exc: object) -> str:
+            text = str(exc)
+            for secret in sorted(secrets, key=len, reverse=True):
+                text = text.replace(secret, "***")
+            return text
+
+        headers = {}
+        if userinfo:
+            credentials = urllib.parse.unquote(userinfo).encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
         try:
-            response = urllib.request.urlopen(url, timeout=timeout)
+            request = urllib.request.Request(plain, headers=headers)
+            response = urllib.request.urlopen(request, timeout=timeout)
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            raise StoreError(f"cannot download {url!r}: {exc}", 502) from None
+            raise StoreError(f"cannot download {shown!r}: {said(exc)}", 502) from None
         with response:
             length = response.headers.get("Content-Length")
             size_hint = int(length) if length and length.isdigit() else None
@@ -314,9 +388,9 @@ class ModelStore:
                     while block := response.read(MIB):
                         yield block
                 except (OSError, http.client.HTTPException) as exc:
-                    raise StoreError(f"download of {url!r} failed: {exc}", 502) from None
+                    raise StoreError(f"download of {shown!r} failed: {said(exc)}", 502) from None
 
-            return self.install(version, read(), sha256, name, size_hint, source=url)
+            return self.install(version, read(), sha256, name, size_hint, source=shown)
 
     # switching
 
@@ -358,8 +432,8 @@ class ModelStore:
         self.manifest(version)
         if version in (self.active(), self.previous_version()):
             raise StoreError(f"model version {version!r} is in use (active or previous)", 409)
-        trash = self.versions / f".incoming-removed-{version}-{os.getpid()}"
-        (self.versions / version).rename(trash)
+        trash = tempfile.mkdtemp(prefix=f".incoming-removed-{version}-", dir=self.versions)
+        (self.versions / version).rename(trash)  # over the empty directory just made
         shutil.rmtree(trash, ignore_errors=True)
 
     def prune(self) -> list[str]:
@@ -373,8 +447,78 @@ class ModelStore:
         return removed
 
 
+def identity(st: os.stat_result) -> dict[str, int]:
+    """What tells an installed file from another of the same size: its inode and mtime."""
+    return {"inode": st.st_ino, "mtime_ns": st.st_mtime_ns}
+
+
+def split_credentials(url: str) -> tuple[str, str]:
+    """The URL without ``user:password@``, and that user info ("" when none)."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url, ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), userinfo
+
+
+def redact(url: str) -> str:
+    """The URL with its credentials replaced by ``***``, fit for logs, errors and manifests."""
+    try:
+        plain, userinfo = split_credentials(url)
+    except ValueError:
+        return "<unparsable url>"
+    if not userinfo:
+        return url
+    parts = urllib.parse.urlsplit(plain)
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{parts.netloc}"))
+
+
+class VersionLock:
+    """An exclusive ``flock`` on a version's lock file; the file is removed on release, so the
+    holder checks after locking that the file it locked still has the name."""
+
+    def __init__(self, path: Path, version: str) -> None:
+        self.path = path
+        self.version = version
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            current = self.path.stat()
+        except (BlockingIOError, FileNotFoundError):
+            os.close(fd)
+            return False
+        if not os.path.samestat(current, os.fstat(fd)):  # released and removed meanwhile
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def acquire(self, wait: float) -> None:
+        """Take the lock, waiting up to ``wait`` seconds (409 after that)."""
+        deadline = time.monotonic() + wait
+        while not self.try_acquire():
+            if time.monotonic() > deadline:
+                raise StoreError(f"another install of {self.version!r} is still running", 409)
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        """Remove the lock file, then let the lock go."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self.fd)
+        self.fd = None
+
+
 class Incoming:
-    """A version being written under ``versions/.incoming-*``; ``commit`` publishes it."""
+    """A version being written under its own ``versions/.incoming-*``, holding the version's lock;
+    ``commit`` publishes it, ``abort`` drops it. ``write`` may run in a worker thread while the
+    event loop calls ``abort``: they take turns."""
 
     def __init__(
         self,
@@ -384,6 +528,7 @@ class Incoming:
         name: str,
         size_hint: int | None,
         source: str,
+        lock: VersionLock,
     ) -> None:
         self.store = store
         self.version = version
@@ -391,27 +536,33 @@ class Incoming:
         self.name = name
         self.size_hint = size_hint
         self.source = source
+        self.lock = lock
         self.size = 0
         self.digest = hashlib.sha256()
-        self.dir = store.versions / f".incoming-{version}-{os.getpid()}"
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir()
-        self.handle = (self.dir / MODEL_FILE).open("wb")
+        self._turn = threading.Lock()
+        self.dir = Path(tempfile.mkdtemp(prefix=f".incoming-{version}-", dir=store.versions))
+        try:
+            self.handle = (self.dir / MODEL_FILE).open("wb")
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     def write(self, chunk: bytes) -> None:
         """Append a chunk (keeping the free-space margin when the size was not announced)."""
-        try:
-            self.handle.write(chunk)
-            self.digest.update(chunk)
-            self.size += len(chunk)
-            before = self.size - len(chunk)
-            if self.size_hint is None and (
-                before == 0 or before // (64 * MIB) != self.size // (64 * MIB)
-            ):
-                self.store._check_space(0)
-        except BaseException:
-            self.abort()
-            raise
+        with self._turn:
+            try:
+                self.handle.write(chunk)
+                self.digest.update(chunk)
+                self.size += len(chunk)
+                before = self.size - len(chunk)
+                if self.size_hint is None and (
+                    before == 0 or before // (64 * MIB) != self.size // (64 * MIB)
+                ):
+                    self.store._check_space(0)
+            except BaseException as exc:
+                self._drop()
+                _raise_if_full(exc)
+                raise
 
     def adopt(self, path: Path, handle: BinaryIO) -> None:
         """Take the file at ``path`` (open as ``handle``) as the weights by one rename, and hash
@@ -439,38 +590,59 @@ class Incoming:
             self.abort()
             raise
 
-    def abort(self) -> None:
-        """Drop the partial version."""
-        self.handle.close()
+    def _drop(self) -> None:
+        with contextlib.suppress(OSError):  # a full disk may refuse the buffer's last flush
+            self.handle.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.lock.release()
+
+    def abort(self) -> None:
+        """Drop the partial version (after a write under way in another thread)."""
+        with self._turn:
+            self._drop()
 
     def commit(self) -> dict[str, Any]:
         """Verify the sha256, flush, write the manifest and publish by one rename."""
-        try:
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
-            self.handle.close()
-            got = self.digest.hexdigest()
-            if got != self.sha256:
-                raise StoreError(f"sha256 mismatch: expected {self.sha256}, got {got}", 422)
-            self.store._check_space(0)  # the weights are on disk now: is the margin left?
-            if self.size_hint is not None and self.size != self.size_hint:
-                raise StoreError(f"expected {self.size_hint} bytes, got {self.size}", 422)
-            manifest = {
-                "version": self.version,
-                "name": self.name,
-                "sha256": self.sha256,
-                "size": self.size,
-                "installed_at": time.time(),
-                "source": self.source,
-            }
-            atomic_write(self.dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-            target = self.store.versions / self.version
-            if target.exists():
-                raise StoreError(f"model version {self.version!r} is already installed", 409)
-            self.dir.rename(target)
-            fsync_dir(self.store.versions)
-        except BaseException:
-            self.abort()
-            raise
+        with self._turn:
+            try:
+                manifest = self._publish()
+            except BaseException as exc:
+                self._drop()
+                _raise_if_full(exc)
+                raise
+            self.lock.release()
         return manifest
+
+    def _publish(self) -> dict[str, Any]:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        st = os.fstat(self.handle.fileno())
+        self.handle.close()
+        got = self.digest.hexdigest()
+        if got != self.sha256:
+            raise StoreError(f"sha256 mismatch: expected {self.sha256}, got {got}", 422)
+        self.store._check_space(0)  # the weights are on disk now: is the margin left?
+        if self.size_hint is not None and self.size != self.size_hint:
+            raise StoreError(f"expected {self.size_hint} bytes, got {self.size}", 422)
+        manifest = {
+            "version": self.version,
+            "name": self.name,
+            "sha256": self.sha256,
+            "size": self.size,
+            "installed_at": time.time(),
+            "source": self.source,
+            **identity(st),
+        }
+        atomic_write(self.dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        target = self.store.versions / self.version
+        if target.exists():  # under the lock: only an install outside the store's API gets here
+            raise StoreError(f"model version {self.version!r} is already installed", 409)
+        self.dir.rename(target)
+        fsync_dir(self.store.versions)
+        return manifest
+
+
+def _raise_if_full(exc: BaseException) -> None:
+    """A full file system is the 507 the API answers, not a 500."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        raise StoreError(f"the store's file system is full: {exc.strerror}", 507) from None

@@ -9,11 +9,13 @@ with a fresh token and state directory under ``base``.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -201,8 +203,42 @@ class AgentProcess:
                 self.proc.wait()
         return self.proc.returncode
 
+    def upload(self, version: str, size: int, sha256: str, name: str = "") -> Upload:
+        """A ``PUT /v1/models/<version>`` whose body the caller sends piece by piece."""
+        return Upload(self, version, size, sha256, name)
+
     def __enter__(self) -> AgentProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Upload:
+    """A model upload over a raw socket, its body sent when and as the caller chooses (tests pause
+    it); the agent may answer before the body ends, so sending never fails."""
+
+    def __init__(self, agent: AgentProcess, version: str, size: int, sha256: str, name: str):
+        query = f"sha256={sha256}" + (f"&name={name}" if name else "")
+        head = (
+            f"PUT /v1/models/{version}?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {agent.token}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {size}\r\nConnection: close\r\n\r\n"
+        )
+        self.sock = socket.create_connection(("127.0.0.1", agent.port), timeout=60)
+        self.sock.sendall(head.encode())
+
+    def send(self, data: bytes) -> None:
+        """More of the body (dropped when the agent has answered and closed)."""
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.sock.sendall(data)
+
+    def response(self) -> tuple[int, Any]:
+        """The status and the JSON body of the answer."""
+        raw = b""
+        with self.sock, contextlib.suppress(ConnectionResetError):
+            while chunk := self.sock.recv(65536):
+                raw += chunk
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1]) if head else 0
+        return status, json.loads(body) if body else None

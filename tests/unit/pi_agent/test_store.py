@@ -259,3 +259,60 @@ def test_open_blob_finds_the_weights_by_sha256(fed: ModelStore) -> None:
     with pytest.raises(StoreError) as err:
         fed.open_blob("0" * 64)
     assert err.value.status == 404
+
+
+def rewrite_later(path: Path, data: bytes, since: int) -> None:
+    """Write ``data`` as ``path`` once the clock has left ``since`` (an mtime) behind: file times
+    tick in milliseconds."""
+    while time.time_ns() < since + 20_000_000:
+        time.sleep(0.005)
+    path.write_bytes(data)
+
+
+def test_open_blob_refuses_weights_changed_in_place(fed: ModelStore) -> None:
+    data = blob("one")
+    install(fed, "v1", data)
+    model = fed.versions / "v1" / "model.gguf"
+    rewrite_later(model, blob("two"), model.stat().st_mtime_ns)  # the same size
+    with pytest.raises(StoreError) as err:
+        fed.open_blob(hashlib.sha256(data).hexdigest())
+    assert err.value.status == 404
+
+
+def test_open_blob_rehashes_weights_copied_back_and_records_them(fed: ModelStore) -> None:
+    data = blob("one")
+    installed = install(fed, "v1", data)
+    model = fed.versions / "v1" / "model.gguf"
+    since = model.stat().st_mtime_ns
+    model.unlink()  # as a restore from a backup: a new file, the same bytes
+    rewrite_later(model, data, since)
+    with fed.open_blob(hashlib.sha256(data).hexdigest()) as handle:
+        assert handle.read() == data
+    recorded = fed.manifest("v1")
+    assert (recorded["inode"], recorded["mtime_ns"]) == (
+        model.stat().st_ino,
+        model.stat().st_mtime_ns,
+    )
+    assert recorded["sha256"] == installed["sha256"] and "active" not in recorded
+
+
+def test_an_install_waits_for_another_of_the_same_version(store: ModelStore) -> None:
+    data = blob("one")
+    first = store.begin("v1", hashlib.sha256(data).hexdigest())
+    first.write(data)
+    with pytest.raises(StoreError, match="still running") as err:
+        store.begin("v1", hashlib.sha256(data).hexdigest(), wait=0.2)
+    assert err.value.status == 409
+    first.commit()
+    with pytest.raises(StoreError, match="already installed"):
+        store.begin("v1", hashlib.sha256(data).hexdigest(), wait=0.2)
+    assert store.verify("v1")["size"] == len(data)
+    assert not list(store.versions.glob(".*"))  # no temporary directory, no lock file left
+
+
+def test_a_long_display_name_is_refused(store: ModelStore) -> None:
+    data = blob("one")
+    with pytest.raises(StoreError, match="longer than 128") as err:
+        store.install("v1", [data], hashlib.sha256(data).hexdigest(), name="n" * 129)
+    assert err.value.status == 400
+    assert install(store, "v2", data)["name"] == "v2"
