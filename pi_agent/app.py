@@ -34,6 +34,7 @@ from pi_agent.http import (
     StreamResponse,
     byte_range,
 )
+from pi_agent.install import UPLOAD_DEADLINE_S, install_upload
 from pi_agent.openapi import SCHEMAS, ValidationError, document, validate
 from pi_agent.store import SHA256_RE, ModelStore, StoreError
 from pi_agent.supervisor import Supervisor
@@ -498,26 +499,19 @@ class Agent:
     async def upload(self, request: Request) -> Response:
         """Install the request body (raw GGUF) as a version, verified by sha256."""
         version = _VERSION_PATH.match(request.path).group(1)  # type: ignore[union-attr]
-        sha256 = request.query.get("sha256", "")
         if "content-length" not in request.headers:
             raise HTTPError(411, "an upload needs Content-Length")
         limit = self.cfg["agent"]["max_upload_bytes"]
         if request.content_length > limit:
             raise HTTPError(413, f"upload larger than {limit} bytes")
-        incoming = await asyncio.to_thread(
-            self.store.begin,
+        manifest = await install_upload(
+            self.store,
+            request,
             version,
-            sha256,
+            request.query.get("sha256", ""),
             request.query.get("name", ""),
-            request.content_length,
+            self.cfg["agent"].get("upload_deadline_s", UPLOAD_DEADLINE_S),
         )
-        try:
-            async for chunk in request.stream():
-                incoming.write(chunk)  # into the page cache: microseconds per 64 KiB
-        except BaseException:
-            incoming.abort()
-            raise
-        manifest = await asyncio.to_thread(incoming.commit)
         return Response.json(manifest, 201)
 
     async def delete_model(self, request: Request) -> Response:
