@@ -231,3 +231,59 @@ def test_sd_notify_ready_and_watchdog(tmp_path: Path) -> None:
             messages = [sock.recv(1024).decode() for _ in range(3)]
     assert any(m.startswith("READY=1") for m in messages)
     assert "WATCHDOG=1" in messages
+
+
+def test_a_display_name_longer_than_128_characters_is_refused(agent: AgentProcess) -> None:
+    data = b"GGUF-name" * 100
+    sha = hashlib.sha256(data).hexdigest()
+    headers = {"Content-Type": "application/octet-stream"}
+    status, _, raw = agent.request(
+        "PUT", f"/v1/models/n1?sha256={sha}&name={'n' * 129}", data, headers=headers
+    )
+    assert status == 400 and "longer than 128" in json.loads(raw)["error"]["message"]
+    assert agent.json("GET", "/v1/models/n1")[0] == 404
+    status, _, raw = agent.request(
+        "PUT", f"/v1/models/n1?sha256={sha}&name={'n' * 128}", data, headers=headers
+    )
+    assert status == 201 and json.loads(raw)["name"] == "n" * 128
+
+
+def test_credentials_in_an_install_url_are_used_but_never_shown(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
+    data = b"GGUF-private" * 1000
+    (tmp_path / "model.gguf").write_bytes(data)
+    seen: list[str | None] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            super().do_GET()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://fleet:s3cr3t-pw@127.0.0.1:{server.server_address[1]}"
+        sha = hashlib.sha256(data).hexdigest()
+        status, body = agent.json(
+            "POST", "/v1/models", {"version": "c1", "url": f"{base}/missing", "sha256": sha}
+        )
+        assert status == 422 and "***@127.0.0.1" in body["error"]["message"], body
+        status, body = agent.json(
+            "POST", "/v1/models", {"version": "c1", "url": f"{base}/model.gguf", "sha256": sha}
+        )
+        assert status == 201, body
+        assert body["source"] == f"http://***@127.0.0.1:{server.server_address[1]}/model.gguf"
+        assert seen == ["Basic ZmxlZXQ6czNjcjN0LXB3"] * 2  # fleet:s3cr3t-pw
+        manifest = agent.state_dir / "models" / "versions" / "c1" / "manifest.json"
+        for text in (json.dumps(body), manifest.read_text(), agent.log()):
+            assert "s3cr3t" not in text
+    finally:
+        server.shutdown()
+        server.server_close()
