@@ -99,6 +99,12 @@ class LabelArgs:
     reject_truncated: bool = arg(
         True, help="reject an answer cut by --max-new-tokens in the middle of a sentence"
     )
+    trim_truncated: bool = arg(
+        True,
+        help="cut such an answer back to its last finished sentence (its tokens and "
+        "probabilities too) instead of rejecting it; rejected when no sentence ends in it "
+        "(transformers backend)",
+    )
     language: str = arg(
         "none",
         help="reject answers that read as another language than this one (fr or en; a "
@@ -192,6 +198,10 @@ class Answer:
     # True: the teacher ended it (end-of-sequence); False: --max-new-tokens cut it; None: unknown.
     finished: bool | None = None
     logprobs: Any = None  # distill.logprobs.TokenLogprobs when --logprobs K
+    # When --max-new-tokens cut it: the same answer up to its last finished sentence, if any.
+    trimmed: Answer | None = None
+    # On a trimmed answer: how many tokens were generated before it was cut back.
+    cut_from: int | None = None
 
 
 class Teacher(Protocol):

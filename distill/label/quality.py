@@ -4,13 +4,15 @@ An answer is rejected when it is empty; when a ``requires_json`` answer does not
 not validate against its schema; when a short unit repeats itself (``1111...``, ``ha ha ha``)
 ten times in a row; when more than ``max_repeat_ratio`` of its word 4-grams are repeats of
 earlier ones (the teacher looping on a sentence); when generation stopped at
-``--max-new-tokens`` in the middle of a sentence; and, with ``--language``, when its stop words
-read as another language. Each reason is one line, kept in the reject row.
+``--max-new-tokens`` in the middle of a sentence (unless ``--trim-truncated`` could cut it back
+to its last finished sentence: :func:`sentence_prefix`); and, with ``--language``, when its
+stop words read as another language. Each reason is one line, kept in the reject row.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from distill.records import Record, check_json_answer
@@ -21,6 +23,8 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 # What a finished sentence (or a finished list item, quote or code block) ends with.
 _ENDINGS = tuple(".!?…»\"')]}*`:;")
 NGRAM = 4
+# Where a trimmed answer may end: a sentence's own punctuation, then closing quotes or brackets.
+_SENTENCE_END = re.compile(r"[.!?…][\"'»”’)\]]*$")
 # Short, frequent function words: enough to tell French from English on a paragraph.
 STOP_WORDS = {
     "fr": frozenset(
@@ -142,6 +146,19 @@ def guess_language(text: str) -> str | None:
     if counts[best] < 3 or list(counts.values()).count(counts[best]) > 1:
         return None
     return best
+
+
+def sentence_prefix(decode: Callable[[Sequence[int]], str], ids: Sequence[int]) -> int | None:
+    """The most tokens of ``ids`` whose text ends a sentence (``... pis c'est tout.``), or None.
+
+    For an answer cut by ``--max-new-tokens``: keeping its finished sentences makes a shorter
+    answer that ends where the teacher ended a thought, and whose token ids (and probabilities)
+    are a prefix of the generated ones. ``decode`` turns ids into text (special tokens skipped).
+    """
+    for n in range(len(ids) - 1, 0, -1):
+        if _SENTENCE_END.search(decode(ids[:n]).rstrip()):
+            return n
+    return None
 
 
 def problem(record: Record, text: str, finished: bool | None, gate: Gate) -> str | None:

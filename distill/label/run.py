@@ -48,6 +48,7 @@ class Summary:
     skipped: int = 0
     rejected: int = 0
     retried: int = 0
+    trimmed: int = 0
     tokens: int = 0
     seconds: float = 0.0
     output: str = ""
@@ -70,6 +71,7 @@ class Summary:
             "rejected": self.rejected,
             "rejected_by_reason": dict(self.reasons.most_common()),
             "retried": self.retried,
+            "trimmed": self.trimmed,
             "tokens": self.tokens,
             "seconds": round(self.seconds, 3),
             "tokens_per_second": round(self.tokens_per_second, 2),
@@ -113,6 +115,8 @@ def _provenance(
         "attempts": attempts,
         "labelled_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if answer.cut_from is not None:  # cut by --max-new-tokens, kept to its last sentence
+        provenance["labeller"]["trimmed"] = {"from_tokens": answer.cut_from, "to": answer.tokens}
     metadata["provenance"] = provenance
     row["metadata"] = metadata
     row["assistant"] = answer.text
@@ -264,7 +268,14 @@ def _label_batch(
     summary.tokens += sum(a.tokens for a in answers)
     results: dict[str, tuple[Answer, int, Generation, str | None]] = {}
     for record, answer in zip(batch, answers, strict=True):
-        results[record.id] = (answer, 1, base, problem(record, answer.text, answer.finished, gate))
+        why = problem(record, answer.text, answer.finished, gate)
+        if why and why.startswith("truncated") and args.trim_truncated and answer.trimmed:
+            # Its finished sentences stand as the answer, when they pass the gate themselves.
+            shorter = problem(record, answer.trimmed.text, answer.trimmed.finished, gate)
+            if shorter is None:
+                answer, why = answer.trimmed, None
+                summary.trimmed += 1
+        results[record.id] = (answer, 1, base, why)
     for attempt in range(1, args.json_retries + 1):
         failing = [r for r in batch if results[r.id][3] is not None and r.requires_json]
         if not failing:

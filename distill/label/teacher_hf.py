@@ -168,8 +168,28 @@ class TransformersTeacher:
 
                 top_ids, top_lp = recorder.row(index, len(ids))
                 logprobs = TokenLogprobs(np.asarray(ids, dtype=np.int32), top_ids, top_lp)
-            answers.append(Answer(text, len(ids), end is not None, logprobs))
+            answer = Answer(text, len(ids), end is not None, logprobs)
+            if end is None:
+                answer.trimmed = self._trimmed(ids, logprobs)
+            answers.append(answer)
         return answers
+
+    def _trimmed(self, ids: list[int], logprobs: Any) -> Answer | None:
+        """An answer cut by --max-new-tokens, kept up to its last finished sentence."""
+        from distill.label.quality import sentence_prefix
+        from distill.logprobs import TokenLogprobs
+
+        def decode(part: Any) -> str:
+            return self.tokenizer.decode(part, skip_special_tokens=True)
+
+        n = sentence_prefix(decode, ids)
+        if n is None:
+            return None
+        if logprobs is not None:
+            logprobs = TokenLogprobs(
+                logprobs.token_ids[:n], logprobs.top_ids[:n], logprobs.top_logprobs[:n]
+            )
+        return Answer(decode(ids[:n]).strip(), n, False, logprobs, cut_from=len(ids))
 
     def describe(self) -> dict[str, Any]:
         """Backend, model and versions for the provenance record."""

@@ -10,6 +10,7 @@ import pytest
 
 from distill import label as label_stage
 from distill.label import Answer, Generation, LabelArgs, LabelError
+from distill.logprobs import TokenLogprobs
 from distill.records import Record, iter_json_lines, read_records
 
 SCHEMA = {
@@ -137,6 +138,43 @@ def test_a_json_row_fixed_by_a_retry_is_kept_with_its_attempt_count(tmp_path: Pa
     rows = {r.id: r for r in read_records(args.output)}
     assert rows["p00"].assistant == '{"ok": true}'
     assert rows["p00"].metadata["provenance"]["labeller"]["attempts"] == 2
+
+
+def test_an_answer_cut_mid_sentence_is_trimmed_to_its_last_sentence_or_rejected(
+    tmp_path: Path,
+) -> None:
+    source = prompts(tmp_path / "in.jsonl", n=3)
+    block = TokenLogprobs(
+        np.arange(6, dtype=np.int32), np.zeros((6, 2), np.int32), np.zeros((6, 2), np.float32)
+    )
+    short = TokenLogprobs(block.token_ids[:4], block.top_ids[:4], block.top_logprobs[:4])
+    cut = Answer("Allô! Ça va bien. Pis toi, tu", 6, False, block)
+    cut.trimmed = Answer("Allô! Ça va bien.", 4, False, short, cut_from=6)
+    answers = {
+        "p00": cut,
+        "p01": Answer("Une phrase qui ne finit", 6, False),  # nothing to keep
+        "p02": Answer("Correct.", 2, True),
+    }
+
+    class Cutting(ScriptedTeacher):
+        def answer(self, records: list[Record], gen: Generation) -> list[Answer]:
+            return [answers[r.id] for r in records]
+
+    args = LabelArgs(input=source, output=tmp_path / "out.jsonl", logprobs=2)
+    summary = label_stage.label(args, teacher=Cutting({}))
+    assert (summary.labelled, summary.rejected, summary.trimmed) == (2, 1, 1)
+    rows = {r.id: r for r in read_records(args.output)}
+    assert rows["p00"].assistant == "Allô! Ça va bien."
+    labeller = rows["p00"].metadata["provenance"]["labeller"]
+    assert labeller["trimmed"] == {"from_tokens": 6, "to": 4}
+    from distill.logprobs import read_for
+
+    assert read_for(rows["p00"]).tokens == 4  # the kept tokens' probabilities only
+    reject = next(iter_json_lines(args.rejects_path))[1]
+    assert reject["id"] == "p01" and reject["reject"]["reason"].startswith("truncated")
+    # With trimming off, the cut answer is rejected like any other.
+    off = LabelArgs(input=source, output=tmp_path / "off.jsonl", trim_truncated=False)
+    assert label_stage.label(off, teacher=Cutting({})).rejected == 2
 
 
 def test_skip_existing_skips_labelled_and_rejected_ids(tmp_path: Path) -> None:

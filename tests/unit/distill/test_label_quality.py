@@ -73,3 +73,23 @@ def test_repeat_ratio_and_language_guess() -> None:
     assert repeat_ratio("a b c d " * 6) > 0.7
     assert guess_language("Je pense que c'est pas une bonne idée pour le char.") == "fr"
     assert guess_language("ok") is None
+
+
+def test_sentence_prefix_keeps_the_finished_sentences_of_a_real_tokenizer(tiny_model) -> None:
+    from transformers import AutoTokenizer
+
+    from distill.label.quality import sentence_prefix
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+
+    def decode(ids) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    ids = tokenizer.encode("Allô! C'est « parfait ». Pis là, on", add_special_tokens=False)
+    n = sentence_prefix(decode, ids)
+    assert n is not None and n < len(ids)
+    assert decode(ids[:n]).strip() == "Allô! C'est « parfait »."
+    assert (
+        sentence_prefix(decode, tokenizer.encode("pas de fin ici", add_special_tokens=False))
+        is None
+    )
