@@ -34,7 +34,7 @@ from pi_agent.http import (
     StreamResponse,
     byte_range,
 )
-from pi_agent.install import UPLOAD_DEADLINE_S, install_upload
+from pi_agent.install import install_upload
 from pi_agent.openapi import SCHEMAS, ValidationError, document, validate
 from pi_agent.store import SHA256_RE, ModelStore, StoreError
 from pi_agent.supervisor import Supervisor
@@ -57,7 +57,11 @@ class Agent:
         self.peer_token = peer_token.encode()
         self.blob_stats = metrics.BlobStats()
         self.started = time.time()
-        self.server = http.Server(self.handle)
+        self.server = http.Server(
+            self.handle,
+            max_connections=cfg["agent"]["max_connections"],
+            head_timeout_s=cfg["agent"]["head_timeout_s"],
+        )
         self.port = 0
         self._bench_lock = asyncio.Lock()
         self.switcher = Switcher(self)
@@ -330,7 +334,7 @@ class Agent:
             with contextlib.suppress(StoreError):
                 manifest = self.store.manifest(active)
                 model = {k: manifest.get(k) for k in ("name", "version", "sha256", "size")}
-        throttled = safe(lambda: host.throttled(self.cfg["metrics"]["vcgencmd"]))
+        throttled = await host.throttled_async(self.cfg["metrics"]["vcgencmd"])
         return Response.json({
             "agent": {"version": __version__, "uptime_s": round(time.time() - self.started, 3),
                       "pid": os.getpid()},
@@ -510,7 +514,7 @@ class Agent:
             version,
             request.query.get("sha256", ""),
             request.query.get("name", ""),
-            self.cfg["agent"].get("upload_deadline_s", UPLOAD_DEADLINE_S),
+            self.cfg["agent"]["upload_deadline_s"],
         )
         return Response.json(manifest, 201)
 

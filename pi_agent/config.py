@@ -94,8 +94,9 @@ def _check(cfg: Config, source: str) -> None:
     ):  # fmt: skip
         if cfg[section][key] < 1:
             raise ConfigError(f"{source}: {section}.{key} must be at least 1")
-    if not agent["head_timeout_s"] > 0:
-        raise ConfigError(f"{source}: agent.head_timeout_s must be positive")
+    for key in ("head_timeout_s", "upload_deadline_s"):
+        if not agent[key] > 0:
+            raise ConfigError(f"{source}: agent.{key} must be positive")
     for key in ("cache_type_k", "cache_type_v"):
         if cfg["decoder"][key] not in KV_TYPES:
             raise ConfigError(f"{source}: decoder.{key} must be one of {', '.join(KV_TYPES)}")

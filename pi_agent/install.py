@@ -3,9 +3,8 @@
 The body of ``PUT /v1/models/<version>`` is gathered into 1 MiB blocks, and each block is written
 and hashed by a worker thread while the loop reads the next: a card that stalls on writeback (or
 a frozen file system) holds the upload, never /healthz or the completions of other clients.
-An upload ends within ``agent.upload_deadline_s`` (408 after it; ``UPLOAD_DEADLINE_S`` until the
-configuration has the key). Every way out of an upload, a stop included, either commits the
-version or drops it with its lock.
+An upload ends within ``agent.upload_deadline_s`` (408 after it). Every way out of an upload, a
+stop included, either commits the version or drops it with its lock.
 """
 
 from __future__ import annotations

@@ -346,7 +346,7 @@ def document() -> dict[str, Any]:
         "/v1/models/rollback": {
             "post": {
                 "summary": "Switch back to the previous version",
-                "responses": _answers(200, 409, *_AUTH),
+                "responses": _answers(200, 409, 503, *_AUTH),
             }
         },
         "/v1/models/{version}": {
@@ -376,7 +376,7 @@ def document() -> dict[str, Any]:
                         }
                     },
                 },
-                "responses": _answers(201, 400, 409, 411, 413, 422, 507, *_AUTH),
+                "responses": _answers(201, 400, 408, 409, 411, 413, 422, 507, *_AUTH),
             },
             "delete": {
                 "summary": "Delete a version (not the active or previous one)",
@@ -387,7 +387,7 @@ def document() -> dict[str, Any]:
             "parameters": [VERSION_PARAM],
             "post": {
                 "summary": "Switch to a version; rolled back if the probe fails",
-                "responses": _answers(200, 404, 409, *_AUTH),
+                "responses": _answers(200, 404, 409, 503, *_AUTH),
             },
         },
         "/v1/bench": {

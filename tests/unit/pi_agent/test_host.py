@@ -159,11 +159,6 @@ def test_a_slow_vcgencmd_does_not_stall_healthz_during_a_scrape(tmp_path: Path) 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="app.py's status handler still calls host.throttled on the loop; once it awaits "
-    "host.throttled_async (issue 13, owner of app.py), drop this mark",
-)
 def test_a_slow_vcgencmd_does_not_stall_healthz_during_a_status(tmp_path: Path) -> None:
     started = tmp_path / "vcgencmd-started"
     vcgencmd = fake_vcgencmd(tmp_path, f"touch {started}; sleep 1.5; echo throttled=0x0")
