@@ -5,7 +5,9 @@ embeddings are proxied to the supervised llama-servers on 127.0.0.1, server-sent
 chunk. A model switch probes the new model with a real prompt and rolls back by itself when the
 probe fails; a switch interrupted by a kill is finished (probed, kept or rolled back) at the next
 start. ``/v1/blobs/<sha256>`` serves installed GGUFs to the other Pis (byte ranges, sendfile), to
-the agent's token or the fleet's peer token, which opens nothing else.
+the agent's token or the fleet's peer token, which opens nothing else. The API is served over
+HTTPS when the config names a certificate (``pi_agent.tls``), and with ``store.allowlist_file``
+only the listed sha256s are installed and activated (``pi_agent.allowlist``).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import json
 import logging
 import os
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from pi_agent import __version__, http, metrics, sdnotify, structured
+from pi_agent import __version__, http, metrics, sdnotify, structured, tls
+from pi_agent.allowlist import Allowlist
 from pi_agent.config import Config
 from pi_agent.host import Host, decode_throttled
 from pi_agent.http import (
@@ -52,7 +56,13 @@ Route = Callable[[Request], Awaitable[AnyResponse]]
 class Agent:
     """One pi-agent; ``start`` it, ``serve_forever`` until ``stop``."""
 
-    def __init__(self, cfg: Config, token: str, peer_token: str = "") -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        token: str,
+        peer_token: str = "",
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.token = token.encode()
         self.peer_token = peer_token.encode()
         self.blob_stats = metrics.BlobStats()
@@ -61,6 +71,7 @@ class Agent:
             self.handle,
             max_connections=cfg["agent"]["max_connections"],
             head_timeout_s=cfg["agent"]["head_timeout_s"],
+            ssl_context=tls_context,
         )
         self.port = 0
         self._bench_lock = asyncio.Lock()
@@ -75,17 +86,21 @@ class Agent:
     # configuration
 
     def configure(self, cfg: Config) -> None:
-        """Apply a configuration (at start and on SIGHUP) except the listen address."""
+        """Apply a configuration (at start and on SIGHUP) except the listen address and the
+        server's certificate (``reload`` takes those)."""
+        self.client_tls = tls.client_context(cfg)  # first: a ConfigError leaves the agent as it was
         self.cfg = cfg
         agent = cfg["agent"]
         self.state_dir = Path(agent["state_dir"])
         self.host = Host(Path(agent["root"]))
         store = cfg["store"]
+        listed = Allowlist(store["allowlist_file"]) if store["allowlist_file"] else None
         self.store = ModelStore(
             self.state_dir / "models",
             store["keep_versions"],
             int(store["free_space_margin_mib"] * (1 << 20)),
             Path(store["incoming_dir"] or self.state_dir / "incoming"),
+            admit=listed.check if listed is not None else None,
         )
         self.bin_dir = Path(cfg["llama"]["bin_dir"])
         sources = {
@@ -134,14 +149,22 @@ class Agent:
                 sup.binary = self.bin_dir / "llama-server"
                 await sup.restart(model, section)
 
-    async def reload(self, cfg: Config, token: str, peer_token: str = "") -> None:
-        """SIGHUP: the new config and tokens; llama-servers restart only if their settings moved."""
+    async def reload(
+        self,
+        cfg: Config,
+        token: str,
+        peer_token: str = "",
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """SIGHUP: the new config, tokens and certificate (for the connections accepted from
+        now on); llama-servers restart only if their settings moved."""
         old = self.cfg["agent"]
         if (cfg["agent"]["listen"], cfg["agent"]["port"]) != (old["listen"], old["port"]):
             log.warning("agent.listen and agent.port change only at restart")
         self.token = token.encode()
         self.peer_token = peer_token.encode()
         self.configure(cfg)
+        self.server.ssl_context = tls_context
         await asyncio.to_thread(self.store.make_incoming_dir)
         logging.getLogger().setLevel(cfg["agent"]["log_level"].upper())
         await self._sync_supervisors()
@@ -159,7 +182,10 @@ class Agent:
             self._spawn(self.switcher.finish_interrupted(self.store))
         agent = self.cfg["agent"]
         self.port = await self.server.start(agent["listen"], agent["port"])
-        log.info("pi-agent %s listening on http://%s:%d", __version__, agent["listen"], self.port)
+        scheme = "https" if self.server.ssl_context is not None else "http"
+        log.info(
+            "pi-agent %s listening on %s://%s:%d", __version__, scheme, agent["listen"], self.port
+        )
         sdnotify.notify(f"READY=1\nSTATUS=serving on port {self.port}\nMAINPID={os.getpid()}")
         interval = sdnotify.watchdog_interval()
         if interval and agent["watchdog"]:
@@ -469,6 +495,7 @@ class Agent:
                 body["sha256"],
                 body.get("name", ""),
                 self.cfg["store"]["download_timeout_s"],
+                self.client_tls,
             )
         except StoreError as exc:
             if exc.status == 502:  # an unreachable URL is the caller's to fix

@@ -5,7 +5,9 @@
     pi-agent bench --config /etc/pi-agent/agent.toml --tolerance 0.2     # exit 1: gate failed
     pi-agent check-config --config /etc/pi-agent/agent.toml
 
-Bad configuration: one line on stderr and exit 2 (a traceback only with ``--debug``).
+Bad configuration: one line on stderr and exit 2 (a traceback only with ``--debug``): a token,
+a certificate or an allowlist that does not read, or plain HTTP off loopback without
+``agent.allow_plain_http``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import asyncio
 import json
 import logging
 import signal
+import ssl
 import sys
 from pathlib import Path
 
-from pi_agent import __version__
+from pi_agent import __version__, tls
+from pi_agent.allowlist import Allowlist
 from pi_agent.config import Config, ConfigError, load, read_peer_token, read_token
 
 log = logging.getLogger("pi_agent")
@@ -94,6 +98,16 @@ def _config(args: argparse.Namespace) -> Config:
     return load(args.config, overrides)
 
 
+def _serving(cfg: Config) -> ssl.SSLContext | None:
+    """What serving ``cfg`` reads besides the tokens, checked now (a ``ConfigError``): the
+    server's TLS context (``None``: plain HTTP), ``agent.tls_ca`` and the allowlist."""
+    context = tls.server_context(cfg)
+    tls.client_context(cfg)
+    if cfg["store"]["allowlist_file"]:
+        Allowlist(cfg["store"]["allowlist_file"]).load()
+    return context
+
+
 def _logging(level: str, debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else level.upper(),
@@ -102,10 +116,16 @@ def _logging(level: str, debug: bool) -> None:
     )
 
 
-async def _serve(args: argparse.Namespace, cfg: Config, token: str, peer_token: str) -> int:
+async def _serve(
+    args: argparse.Namespace,
+    cfg: Config,
+    token: str,
+    peer_token: str,
+    tls_context: ssl.SSLContext | None,
+) -> int:
     from pi_agent.app import Agent
 
-    agent = Agent(cfg, token, peer_token)
+    agent = Agent(cfg, token, peer_token, tls_context)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
@@ -113,10 +133,11 @@ async def _serve(args: argparse.Namespace, cfg: Config, token: str, peer_token: 
         try:
             new = _config(args)
             new_token, new_peer_token = read_token(new), read_peer_token(new)
+            new_tls = _serving(new)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
-        task = loop.create_task(agent.reload(new, new_token, new_peer_token))
+        task = loop.create_task(agent.reload(new, new_token, new_peer_token, new_tls))
         task.add_done_callback(lambda t: t.exception() and log.error("reload: %s", t.exception()))
 
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
@@ -192,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         serving = args.command == "serve"
         token = read_token(cfg) if serving else ""
         peer_token = read_peer_token(cfg) if serving else ""
+        tls_context = _serving(cfg) if serving or args.command == "check-config" else None
     except ConfigError as exc:
         if args.debug:
             raise
@@ -204,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return _bench(args, cfg)
     try:
-        return asyncio.run(_serve(args, cfg, token, peer_token))
+        return asyncio.run(_serve(args, cfg, token, peer_token, tls_context))
     except KeyboardInterrupt:  # pragma: no cover
         return 130
 

@@ -3,8 +3,10 @@
 A framework would cost the Pi memory it needs for the model (FastAPI + uvicorn measured 47 MB RSS
 against this module's few hundred kB), and the agent needs little: keep-alive, ``Content-Length``
 request bodies (JSON or a streamed upload), plain and chunked responses for SSE streaming, files
-sent with ``sendfile`` (one byte range at most), and a client that proxies to llama-server on
-127.0.0.1. Every failure answers a JSON error, never a traceback.
+sent with ``sendfile`` (one byte range at most; over TLS, which sendfile cannot encrypt, read and
+written a block at a time); the client that proxies to llama-server is ``http_client``. The
+server speaks HTTPS when given an ``ssl.SSLContext`` (``pi_agent.tls``). Every failure answers a
+JSON error, never a traceback.
 
 A flood must not take the agent down (issue 13): the server holds at most ``max_connections``,
 making room by closing the connection that has waited longest for a request head (a fresh
@@ -24,6 +26,7 @@ import logging
 import math
 import re
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -46,6 +49,7 @@ ACCEPT_WARN_EVERY_S = 10.0
 OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 SENDFILE_SLICE = 1 << 20  # a file goes out in slices of this size...
 SENDFILE_STALL_S = 60.0  # ...each within this time, else the client is dropped
+TLS_FILE_BLOCK = 1 << 18  # over TLS a slice goes through memory in blocks of this size
 
 
 class _NotFinite(ValueError):
@@ -233,7 +237,8 @@ def _head(status: int, headers: dict[str, str]) -> bytes:
 
 class Server:
     """Serves ``handler`` on a host and port, keep-alive included, with at most
-    ``max_connections`` open connections."""
+    ``max_connections`` open connections; over TLS when ``ssl_context`` is set (a new context
+    applies to the connections accepted after it)."""
 
     def __init__(
         self,
@@ -241,6 +246,7 @@ class Server:
         server_name: str = "pi-agent",
         max_connections: int = MAX_CONNECTIONS,
         head_timeout_s: float = HEAD_TIMEOUT_S,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, not {max_connections}")
@@ -250,6 +256,7 @@ class Server:
         self.server_name = server_name
         self.max_connections = max_connections
         self.head_timeout_s = head_timeout_s
+        self.ssl_context = ssl_context
         self._listeners: list[socket.socket] = []
         self._acceptors: set[asyncio.Task[None]] = set()
         self._connections: set[asyncio.Task[None]] = set()
@@ -348,12 +355,12 @@ class Server:
         assert task is not None
         writer: asyncio.StreamWriter | None = None
         try:
-            reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_HEADER_BYTES)
+            reader, writer = await self._open(conn)
             first = True
             while await self._one(reader, writer, peer, first, task):
                 first = False
-        except ConnectionError as exc:  # a reset or a broken pipe: the client's doing
-            log.debug("connection from %s closed: %s", peer, exc)
+        except (ConnectionError, ssl.SSLError) as exc:  # a reset, a failed handshake...
+            log.debug("connection from %s closed: %s", peer, exc)  # ...the client's doing
         except (asyncio.IncompleteReadError, TimeoutError, asyncio.CancelledError):
             pass  # the client went away, was dropped to make room, or the server is closing
         except OSError as exc:  # a file being sent failed mid-way: only closing is left
@@ -365,6 +372,21 @@ class Server:
                 writer.close()
                 with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                     await writer.wait_closed()
+
+    async def _open(self, conn: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Streams on an accepted socket, after the TLS handshake (within ``head_timeout_s``)
+        when the server speaks TLS."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(MAX_HEADER_BYTES, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        context = self.ssl_context
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol,
+            conn,
+            ssl=context,
+            ssl_handshake_timeout=self.head_timeout_s if context is not None else None,
+        )
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
     async def _read_head(self, reader: asyncio.StreamReader, first: bool) -> Head | None:
         """The next request head; ``None`` when the client closed or stayed quiet too long.
@@ -474,8 +496,14 @@ class Server:
             await writer.drain()
             end = start + (0 if head_only else response.length)
             loop = asyncio.get_running_loop()
+            tls = writer.get_extra_info("ssl_object") is not None
             while (offset := file.tell()) < end:
                 count = min(SENDFILE_SLICE, end - offset)
+                if tls:
+                    sent = await asyncio.wait_for(_copy(file, writer, count), SENDFILE_STALL_S)
+                    if sent < count:
+                        raise OSError(f"file ended {end - offset - sent} bytes early")
+                    continue
                 try:
                     sent = await asyncio.wait_for(
                         loop.sendfile(writer.transport, file, offset, count), SENDFILE_STALL_S
@@ -493,97 +521,15 @@ class Server:
                 response.on_sent(sent_total)
 
 
-class ClientResponse:
-    """A response from an upstream server; the body is read or streamed once."""
-
-    def __init__(
-        self,
-        status: int,
-        headers: dict[str, str],
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        self.status = status
-        self.headers = headers
-        self._reader = reader
-        self._writer = writer
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives (chunked, Content-Length or until the connection closes)."""
-        reader = self._reader
-        try:
-            if self.headers.get("transfer-encoding", "").lower() == "chunked":
-                while True:
-                    line = await reader.readuntil(b"\r\n")
-                    size = int(line.split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        break
-                    data = await reader.readexactly(size)
-                    await reader.readexactly(2)
-                    yield data
-            elif "content-length" in self.headers:
-                remaining = int(self.headers["content-length"])
-                while remaining:
-                    data = await reader.read(min(remaining, 1 << 16))
-                    if not data:
-                        raise ConnectionError("upstream closed early")
-                    remaining -= len(data)
-                    yield data
-            else:
-                while data := await reader.read(1 << 16):
-                    yield data
-        finally:
-            self.close()
-
-    async def read(self, limit: int = 64 << 20) -> bytes:
-        """The whole body."""
-        out = bytearray()
-        async for chunk in self.chunks():
-            out += chunk
-            if len(out) > limit:
-                raise ConnectionError("upstream response too large")
-        return bytes(out)
-
-    async def json(self) -> Any:
-        """The whole body parsed as JSON."""
-        return json.loads(await self.read())
-
-    def close(self) -> None:
-        """Drop the connection."""
-        self._writer.close()
-
-
-async def request(
-    host: str,
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    timeout: float = 10.0,
-) -> ClientResponse:
-    """Send one request (``Connection: close``) and read the response head within ``timeout``."""
-
-    async def go() -> ClientResponse:
-        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
-        try:
-            all_headers = {"Host": f"{host}:{port}", "Connection": "close", **(headers or {})}
-            if body is not None:
-                all_headers["Content-Length"] = str(len(body))
-            lines = [f"{method} {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in all_headers.items()]
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
-            await writer.drain()
-            raw = await reader.readuntil(b"\r\n\r\n")
-            status_line, *header_lines = raw.decode("latin-1").split("\r\n")
-            status = int(status_line.split(" ")[1])
-            parsed = {}
-            for line in header_lines:
-                name, sep, value = line.partition(":")
-                if sep:
-                    parsed[name.strip().lower()] = value.strip()
-            return ClientResponse(status, parsed, reader, writer)
-        except BaseException:
-            writer.close()
-            raise
-
-    return await asyncio.wait_for(go(), timeout)
+async def _copy(file: BinaryIO, writer: asyncio.StreamWriter, count: int) -> int:
+    """Up to ``count`` bytes of ``file`` from its position to ``writer``, read in a worker thread
+    a block at a time (a slow card holds this connection only); the bytes copied."""
+    copied = 0
+    while copied < count:
+        block = await asyncio.to_thread(file.read, min(TLS_FILE_BLOCK, count - copied))
+        if not block:
+            break
+        writer.write(block)
+        await writer.drain()
+        copied += len(block)
+    return copied

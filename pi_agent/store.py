@@ -19,6 +19,9 @@ Each install writes in its own ``versions/.incoming-<version>-<random>`` and hol
 lock (``flock`` on ``versions/.<version>.lock``) from ``begin`` to its commit or abort: an upload,
 a download and a move from the incoming folder run in the agent's threads, and another process may
 open the store too. A second install of a version waits, then finds it installed (409).
+
+With an ``admit`` check (``pi_agent.allowlist``), an install is refused on its declared sha256
+before a byte is written, and again on the computed one at the commit; switches check it too.
 """
 
 from __future__ import annotations
@@ -37,11 +40,14 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pi_agent.fsutil import atomic_symlink, atomic_write, fsync_dir, sha256_file
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,7 @@ class ModelStore:
         keep: int = 3,
         margin_bytes: int = 0,
         incoming_dir: Path | None = None,
+        admit: Callable[[str], None] | None = None,
     ) -> None:
         self.root = Path(root)
         self.versions = self.root / "versions"
@@ -80,6 +87,12 @@ class ModelStore:
         self.keep = keep
         self.margin_bytes = margin_bytes
         self.incoming_dir = Path(incoming_dir) if incoming_dir is not None else None
+        self._admit = admit
+
+    def check_allowed(self, sha256: str) -> None:
+        """Raise the ``StoreError`` (403) of the ``admit`` check when it refuses ``sha256``."""
+        if self._admit is not None:
+            self._admit(sha256)
 
     def make_incoming_dir(self) -> None:
         """Create the incoming folder (0770: the agent's group may drop files too) if missing."""
@@ -245,6 +258,7 @@ class ModelStore:
             raise StoreError("sha256 must be 64 hex digits", 400)
         if not isinstance(name, str) or len(name) > MAX_NAME:
             raise StoreError(f"name longer than {MAX_NAME} characters", 400)
+        self.check_allowed(sha256)
         self.versions.mkdir(parents=True, exist_ok=True)
         lock = self.lock(version)
         lock.acquire(wait)
@@ -346,9 +360,16 @@ class ModelStore:
         return incoming.commit()
 
     def install_url(
-        self, version: str, url: str, sha256: str, name: str = "", timeout: float = 600.0
+        self,
+        version: str,
+        url: str,
+        sha256: str,
+        name: str = "",
+        timeout: float = 600.0,
+        context: ssl.SSLContext | None = None,
     ) -> dict[str, Any]:
-        """Download a version over http(s), verified by sha256 (blocking: run it in a thread).
+        """Download a version over http(s), verified by sha256 (blocking: run it in a thread);
+        an https server is verified with ``context`` (``pi_agent.tls.client_context``).
 
         Credentials in the URL (``user:password@``) go as HTTP basic auth and never into an
         error or the manifest's ``source``.
@@ -360,6 +381,7 @@ class ModelStore:
 
         if not url.startswith(("http://", "https://")):
             raise StoreError("url must be http:// or https://", 400)
+        self.check_allowed(sha256)  # before the download begins
         plain, userinfo = split_credentials(url)
         shown = redact(url)
         secrets = [part for part in (userinfo, *userinfo.split(":", 1)) if part]
@@ -376,7 +398,7 @@ class ModelStore:
             headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
         try:
             request = urllib.request.Request(plain, headers=headers)
-            response = urllib.request.urlopen(request, timeout=timeout)
+            response = urllib.request.urlopen(request, timeout=timeout, context=context)
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             raise StoreError(f"cannot download {shown!r}: {said(exc)}", 502) from None
         with response:
@@ -621,6 +643,7 @@ class Incoming:
         got = self.digest.hexdigest()
         if got != self.sha256:
             raise StoreError(f"sha256 mismatch: expected {self.sha256}, got {got}", 422)
+        self.store.check_allowed(got)  # the list may have changed during the transfer
         self.store._check_space(0)  # the weights are on disk now: is the margin left?
         if self.size_hint is not None and self.size != self.size_hint:
             raise StoreError(f"expected {self.size_hint} bytes, got {self.size}", 422)

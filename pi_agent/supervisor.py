@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pi_agent import http
+from pi_agent import http_client
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class Supervisor:
     async def healthy(self) -> bool:
         """Whether llama-server answers ``/health`` with 200."""
         try:
-            resp = await http.request("127.0.0.1", self.port, "GET", "/health", timeout=2)
+            resp = await http_client.request("127.0.0.1", self.port, "GET", "/health", timeout=2)
             await resp.read()
         except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
             return False
@@ -232,12 +232,14 @@ class Supervisor:
 
     async def call(
         self, method: str, path: str, body: bytes | None = None, timeout: float = 600.0
-    ) -> http.ClientResponse:
+    ) -> http_client.ClientResponse:
         """One request to the server (raises ``OSError`` when it is down)."""
         if self.state != "ready":
             raise ConnectionError(f"the {self.role} is {self.state}")
         headers = {"Content-Type": "application/json"} if body is not None else {}
-        return await http.request("127.0.0.1", self.port, method, path, body, headers, timeout)
+        return await http_client.request(
+            "127.0.0.1", self.port, method, path, body, headers, timeout
+        )
 
     async def scrape(self) -> tuple[str, list[dict[str, Any]]]:
         """llama-server's ``/metrics`` text and ``/slots`` list."""

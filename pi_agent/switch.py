@@ -79,7 +79,7 @@ class Switcher:
         if self.lock.locked():
             raise HTTPError(409, "another model switch is in progress")
         async with self.lock:
-            store.manifest(version)
+            store.check_allowed(store.manifest(version)["sha256"])
             old = store.active()
             if old == version:
                 return {"active": version, "previous": old, "pruned": []}

@@ -4,7 +4,8 @@
         status, headers, body = agent.request("GET", "/v1/status")
 
 The agent runs as its own process on 127.0.0.1 and an ephemeral port (read back from its log),
-with a fresh token and state directory under ``base``.
+with a fresh token and state directory under ``base``. An agent configured with a certificate is
+spoken to over HTTPS with ``ssl_context`` (one that trusts the certificate's CA).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-_PORT = re.compile(r"listening on http://[\d.]+:(\d+)")
+_PORT = re.compile(r"listening on https?://[\w.:-]*:(\d+)")
 
 
 def stub_llama_server(bin_dir: Path, script: Path) -> Path:
@@ -92,6 +94,7 @@ class AgentProcess:
         config: dict[str, dict[str, Any]] | None = None,
         env: dict[str, str] | None = None,
         start_timeout: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)
@@ -109,6 +112,7 @@ class AgentProcess:
         self.log_path = self.base / "agent.log"
         self.env = env
         self.start_timeout = start_timeout
+        self.ssl_context = ssl_context
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -139,7 +143,7 @@ class AgentProcess:
     @property
     def url(self) -> str:
         """Base URL."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     def headers(self, token: str | None = None) -> dict[str, str]:
         """The Authorization header with the agent's token (or ``token``)."""
@@ -161,13 +165,21 @@ class AgentProcess:
             raw = json.dumps(body).encode()
             all_headers["Content-Type"] = "application/json"
         all_headers.update(headers or {})
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = self.connection(timeout)
         try:
             conn.request(method, path, body=raw, headers=all_headers)
             resp = conn.getresponse()
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
         finally:
             conn.close()
+
+    def connection(self, timeout: float = 30.0) -> http.client.HTTPConnection:
+        """A new connection to the agent (HTTPS with ``ssl_context`` when it is set)."""
+        if self.ssl_context is not None:
+            return http.client.HTTPSConnection(
+                "127.0.0.1", self.port, timeout=timeout, context=self.ssl_context
+            )
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
     def json(self, method: str, path: str, body: Any = None, **kwargs: Any) -> tuple[int, Any]:
         """One request; the answer parsed as JSON."""
@@ -226,6 +238,8 @@ class Upload:
             f"Content-Length: {size}\r\nConnection: close\r\n\r\n"
         )
         self.sock = socket.create_connection(("127.0.0.1", agent.port), timeout=60)
+        if agent.ssl_context is not None:
+            self.sock = agent.ssl_context.wrap_socket(self.sock, server_hostname="127.0.0.1")
         self.sock.sendall(head.encode())
 
     def send(self, data: bytes) -> None:
@@ -236,7 +250,7 @@ class Upload:
     def response(self) -> tuple[int, Any]:
         """The status and the JSON body of the answer."""
         raw = b""
-        with self.sock, contextlib.suppress(ConnectionResetError):
+        with self.sock, contextlib.suppress(ConnectionResetError, ssl.SSLEOFError):
             while chunk := self.sock.recv(65536):
                 raw += chunk
         head, _, body = raw.partition(b"\r\n\r\n")
