@@ -3,10 +3,10 @@
 A framework would cost the Pi memory it needs for the model (FastAPI + uvicorn measured 47 MB RSS
 against this module's few hundred kB), and the agent needs little: keep-alive, ``Content-Length``
 request bodies (JSON or a streamed upload), plain and chunked responses for SSE streaming, files
-sent with ``sendfile`` (one byte range at most; over TLS, which sendfile cannot encrypt, read and
-written a block at a time); the client that proxies to llama-server is ``http_client``. The
-server speaks HTTPS when given an ``ssl.SSLContext`` (``pi_agent.tls``). Every failure answers a
-JSON error, never a traceback.
+sent with ``sendfile`` (one byte range at most; over TLS, which sendfile cannot encrypt,
+``loop.sendfile`` reads and writes the file in 256 KiB blocks instead, reading in a worker thread),
+and a client that proxies to llama-server (``http_client``). The server speaks HTTPS when given an
+``ssl.SSLContext`` (``pi_agent.tls``). Every failure answers a JSON error, never a traceback.
 
 A flood must not take the agent down (issue 13): the server holds at most ``max_connections``,
 making room by closing the connection that has waited longest for a request head (a fresh
@@ -49,7 +49,6 @@ ACCEPT_WARN_EVERY_S = 10.0
 OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 SENDFILE_SLICE = 1 << 20  # a file goes out in slices of this size...
 SENDFILE_STALL_S = 60.0  # ...each within this time, else the client is dropped
-TLS_FILE_BLOCK = 1 << 18  # over TLS a slice goes through memory in blocks of this size
 
 
 class _NotFinite(ValueError):
@@ -496,15 +495,9 @@ class Server:
             await writer.drain()
             end = start + (0 if head_only else response.length)
             loop = asyncio.get_running_loop()
-            tls = writer.get_extra_info("ssl_object") is not None
             while (offset := file.tell()) < end:
                 count = min(SENDFILE_SLICE, end - offset)
-                if tls:
-                    sent = await asyncio.wait_for(_copy(file, writer, count), SENDFILE_STALL_S)
-                    if sent < count:
-                        raise OSError(f"file ended {end - offset - sent} bytes early")
-                    continue
-                try:
+                try:  # over TLS, loop.sendfile falls back to reads and writes of 256 KiB
                     sent = await asyncio.wait_for(
                         loop.sendfile(writer.transport, file, offset, count), SENDFILE_STALL_S
                     )
@@ -519,17 +512,3 @@ class Server:
             file.close()
             if response.on_sent is not None:
                 response.on_sent(sent_total)
-
-
-async def _copy(file: BinaryIO, writer: asyncio.StreamWriter, count: int) -> int:
-    """Up to ``count`` bytes of ``file`` from its position to ``writer``, read in a worker thread
-    a block at a time (a slow card holds this connection only); the bytes copied."""
-    copied = 0
-    while copied < count:
-        block = await asyncio.to_thread(file.read, min(TLS_FILE_BLOCK, count - copied))
-        if not block:
-            break
-        writer.write(block)
-        await writer.drain()
-        copied += len(block)
-    return copied

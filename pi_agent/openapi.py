@@ -415,6 +415,15 @@ def document() -> dict[str, Any]:
             }
         },
     }
+    for path, method in (
+        ("/v1/models", "post"),
+        ("/v1/models/{version}", "put"),
+        ("/v1/models/{version}/activate", "post"),
+        ("/v1/models/rollback", "post"),
+    ):
+        paths[path][method]["responses"]["403"]["description"] = (
+            "Invalid token, or a sha256 not in the allowlist (store.allowlist_file)"
+        )
     return {
         "openapi": "3.1.0",
         "info": {

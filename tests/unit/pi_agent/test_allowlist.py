@@ -55,10 +55,13 @@ def test_an_unlisted_upload_is_403_and_leaves_nothing(tmp_path: Path) -> None:
     data, sha = model(1)
     _, other = model(2)
     with agent_with_list(tmp_path, other) as agent:
-        status, answer = upload(agent, "m1", data, sha)
+        # The head alone is answered: no byte of the body is waited for, nor written.
+        status, answer = agent.upload("m1", len(data), sha).response()
         assert status == 403
         message = answer["error"]["message"]
         assert sha in message and "allowlist" in message and "\n" not in message
+        assert store_entries(agent) == []
+        assert upload(agent, "m1", data, sha)[0] == 403  # the body sent as well
         assert store_entries(agent) == []
         assert agent.json("GET", "/v1/models")[1]["data"] == []
 
@@ -188,3 +191,25 @@ def test_a_file_broken_while_running_refuses_everything(tmp_path: Path) -> None:
         assert upload(agent, "m1", data, sha)[0] == 403
         write_list(agent.base / "allowlist", sha)
         assert upload(agent, "m1", data, sha)[0] == 201
+
+
+def test_a_sha256_delisted_during_the_upload_is_refused_at_the_commit(tmp_path: Path) -> None:
+    data, sha = model(14)
+    with agent_with_list(tmp_path, sha) as agent:
+        sending = agent.upload("m1", len(data), sha)
+        sending.send(data[:1000])
+        agent.wait_for(lambda: any(n.startswith(".incoming-") for n in store_entries(agent)))
+        write_list(agent.base / "allowlist")
+        sending.send(data[1000:])
+        status, answer = sending.response()
+        assert status == 403 and sha in answer["error"]["message"]
+        assert store_entries(agent) == []
+
+
+def test_the_openapi_document_says_why_an_install_may_be_403() -> None:
+    from pi_agent.openapi import document
+
+    paths = document()["paths"]
+    for path, method in (("/v1/models", "post"), ("/v1/models/{version}/activate", "post")):
+        assert "allowlist" in paths[path][method]["responses"]["403"]["description"]
+    assert "allowlist" not in paths["/v1/status"]["get"]["responses"]["403"]["description"]

@@ -112,3 +112,24 @@ def test_cli_exits_2_with_one_line_when_the_peer_token_file_is_missing(
 def test_a_relative_incoming_dir_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"store\.incoming_dir must be an absolute path"):
         load(write(tmp_path, "[store]\nincoming_dir = 'incoming'\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("[agent]\nlisten = '0.0.0.0'\n", 2),
+        ("[agent]\nlisten = '0.0.0.0'\nallow_plain_http = true\n", 0),
+        ("[agent]\nlisten = '::1'\n", 0),
+        ("[agent]\ntls_ca = '/nonexistent/ca.pem'\n", 2),
+    ],
+    ids=[
+        "plain HTTP on every address is refused",
+        "unless allowed",
+        "plain HTTP on IPv6 loopback is fine",
+        "a CA bundle that does not read is refused",
+    ],
+)
+def test_check_config_checks_what_serving_needs(tmp_path: Path, capsys, text: str, code: int):
+    assert cli.main(["check-config", "--config", str(write(tmp_path, text))]) == code
+    err = capsys.readouterr().err
+    assert (err.count("\n") == 1 and "agent." in err) if code else err == ""

@@ -5,6 +5,7 @@ SIGHUP, and the agent's own downloads verified against ``agent.tls_ca``."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import http.server
@@ -315,3 +316,33 @@ def test_the_role_template_allows_plain_http_for_now() -> None:
         ansible_managed="managed", _pi_agent_all_settings=settings
     )
     assert tomllib.loads(text)["agent"]["allow_plain_http"] is False
+
+
+def test_a_tls_client_that_hangs_up_mid_blob_leaks_nothing(agent: AgentProcess) -> None:
+    weights = os.urandom(16 * 1024 * 1024)  # more than loopback's buffers hold
+    sha = hashlib.sha256(weights).hexdigest()
+    upload = agent.upload("big", len(weights), sha)
+    upload.send(weights)
+    assert upload.response()[0] == 201
+    fds = Path(f"/proc/{agent.proc.pid}/fd")
+
+    def open_files() -> list[str]:
+        names = []
+        for fd in fds.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                names.append(str(fd.readlink()))
+        return names
+
+    model = str(agent.state_dir / "models" / "versions" / "big" / "model.gguf")
+    before = len(open_files())
+    for _ in range(3):
+        conn = https(agent, agent.ssl_context)
+        conn.request("GET", f"/v1/blobs/{sha}", headers=agent.headers())
+        response = conn.getresponse()
+        assert len(response.read(65536)) == 65536
+        assert model in open_files()  # mid-transfer: the file is open
+        conn.sock.close()
+        conn.close()
+    agent.wait_for(lambda: model not in open_files() and len(open_files()) <= before)
+    assert agent.request("GET", "/healthz")[0] == 200
+    assert "Traceback" not in agent.log()
