@@ -487,9 +487,12 @@ class Agent:
         return Response.json(manifest, 201)
 
     async def _install_url(self, body: dict[str, Any]) -> dict[str, Any]:
+        from pi_agent.download import install_url  # urllib.request: only when needed
+
         try:
             return await asyncio.to_thread(
-                self.store.install_url,
+                install_url,
+                self.store,
                 body["version"],
                 body["url"],
                 body["sha256"],

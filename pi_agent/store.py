@@ -39,15 +39,11 @@ import stat
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from pi_agent.fsutil import atomic_symlink, atomic_write, fsync_dir, sha256_file
-
-if TYPE_CHECKING:
-    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -359,61 +355,6 @@ class ModelStore:
         incoming.adopt(Path(path), handle)
         return incoming.commit()
 
-    def install_url(
-        self,
-        version: str,
-        url: str,
-        sha256: str,
-        name: str = "",
-        timeout: float = 600.0,
-        context: ssl.SSLContext | None = None,
-    ) -> dict[str, Any]:
-        """Download a version over http(s), verified by sha256 (blocking: run it in a thread);
-        an https server is verified with ``context`` (``pi_agent.tls.client_context``).
-
-        Credentials in the URL (``user:password@``) go as HTTP basic auth and never into an
-        error or the manifest's ``source``.
-        """
-        import base64
-        import http.client
-        import urllib.error
-        import urllib.request
-
-        if not url.startswith(("http://", "https://")):
-            raise StoreError("url must be http:// or https://", 400)
-        self.check_allowed(sha256)  # before the download begins
-        plain, userinfo = split_credentials(url)
-        shown = redact(url)
-        secrets = [part for part in (userinfo, *userinfo.split(":", 1)) if part]
-
-        def said(exc: object) -> str:
-            text = str(exc)
-            for secret in sorted(secrets, key=len, reverse=True):
-                text = text.replace(secret, "***")
-            return text
-
-        headers = {}
-        if userinfo:
-            credentials = urllib.parse.unquote(userinfo).encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
-        try:
-            request = urllib.request.Request(plain, headers=headers)
-            response = urllib.request.urlopen(request, timeout=timeout, context=context)
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            raise StoreError(f"cannot download {shown!r}: {said(exc)}", 502) from None
-        with response:
-            length = response.headers.get("Content-Length")
-            size_hint = int(length) if length and length.isdigit() else None
-
-            def read() -> Iterable[bytes]:
-                try:
-                    while block := response.read(MIB):
-                        yield block
-                except (OSError, http.client.HTTPException) as exc:
-                    raise StoreError(f"download of {shown!r} failed: {said(exc)}", 502) from None
-
-            return self.install(version, read(), sha256, name, size_hint, source=shown)
-
     # switching
 
     def switch(self, version: str, verify: bool = True) -> str | None:
@@ -472,27 +413,6 @@ class ModelStore:
 def identity(st: os.stat_result) -> dict[str, int]:
     """What tells an installed file from another of the same size: its inode and mtime."""
     return {"inode": st.st_ino, "mtime_ns": st.st_mtime_ns}
-
-
-def split_credentials(url: str) -> tuple[str, str]:
-    """The URL without ``user:password@``, and that user info ("" when none)."""
-    parts = urllib.parse.urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if not at:
-        return url, ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=host)), userinfo
-
-
-def redact(url: str) -> str:
-    """The URL with its credentials replaced by ``***``, fit for logs, errors and manifests."""
-    try:
-        plain, userinfo = split_credentials(url)
-    except ValueError:
-        return "<unparsable url>"
-    if not userinfo:
-        return url
-    parts = urllib.parse.urlsplit(plain)
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{parts.netloc}"))
 
 
 class VersionLock:
