@@ -31,29 +31,25 @@ from pi_agent.config import Config
 from pi_agent.host import Host, decode_throttled
 from pi_agent.http import (
     AnyResponse,
-    FileResponse,
     HTTPError,
     Request,
     Response,
     StreamResponse,
-    byte_range,
 )
-from pi_agent.install import install_upload
+from pi_agent.models_api import BLOB_PATH, VERSION_PATH, ModelRoutes
 from pi_agent.openapi import SCHEMAS, ValidationError, document, validate
-from pi_agent.store import SHA256_RE, ModelStore, StoreError
+from pi_agent.store import ModelStore, StoreError
 from pi_agent.supervisor import Supervisor
 from pi_agent.switch import PENDING, Switcher
 
 log = logging.getLogger(__name__)
 
-_VERSION_PATH = re.compile(r"^/v1/models/([^/]+)(/activate)?$")
-_BLOB_PATH = re.compile(r"^/v1/blobs/([^/]*)$")
 # How llama-server's errors about a schema or a grammar begin or read (tools/server at 0c1e570).
 _CONSTRAINT_ERROR = re.compile(r"json[_ ]schema|grammar", re.IGNORECASE)
 Route = Callable[[Request], Awaitable[AnyResponse]]
 
 
-class Agent:
+class Agent(ModelRoutes):
     """One pi-agent; ``start`` it, ``serve_forever`` until ``stop``."""
 
     def __init__(
@@ -271,12 +267,12 @@ class Agent:
         }
         table = routes.get(path)
         if table is None:
-            match = _VERSION_PATH.match(path)
+            match = VERSION_PATH.match(path)
             if match and match.group(2):
                 table = {"POST": self.activate}
             elif match:
                 table = {"GET": self.get_model, "PUT": self.upload, "DELETE": self.delete_model}
-            elif _BLOB_PATH.match(path):
+            elif BLOB_PATH.match(path):
                 table = {"GET": self.get_blob, "HEAD": self.get_blob}
             else:
                 raise HTTPError(404, f"no such endpoint: {path}")
@@ -302,7 +298,7 @@ class Agent:
         # everywhere else.
         if (
             self.peer_token
-            and _BLOB_PATH.match(request.path)
+            and BLOB_PATH.match(request.path)
             and hmac.compare_digest(secret, self.peer_token)
         ):
             return
@@ -440,137 +436,6 @@ class Agent:
         return await self._proxy(
             "encoder", "/v1/embeddings", await self._body(request, "EmbeddingRequest")
         )
-
-    # models
-
-    def _model_entry(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "id": manifest["version"],
-            "object": "model",
-            "created": int(manifest.get("installed_at", 0)),
-            "owned_by": "pi-agent",
-            **{k: manifest[k] for k in ("version", "name", "sha256", "size")},
-            "active": bool(manifest.get("active")),
-            "previous": bool(manifest.get("previous")),
-        }
-
-    async def list_models(self, request: Request) -> Response:
-        """Installed versions, in OpenAI's list shape."""
-        return Response.json(
-            {"object": "list", "data": [self._model_entry(m) for m in self.store.list()]}
-        )
-
-    async def get_model(self, request: Request) -> Response:
-        """One version's manifest."""
-        version = _VERSION_PATH.match(request.path).group(1)  # type: ignore[union-attr]
-        manifest = self.store.manifest(version)
-        manifest["active"] = version == self.store.active()
-        manifest["previous"] = version == self.store.previous_version()
-        return Response.json(self._model_entry(manifest))
-
-    async def install(self, request: Request) -> Response:
-        """Install from a URL or a file in the incoming folder (verified by sha256), optionally
-        activating it."""
-        body = await self._body(request, "InstallRequest")
-        if "path" in body:
-            manifest = await asyncio.to_thread(
-                self.store.install_path,
-                body["version"],
-                body["path"],
-                body["sha256"],
-                body.get("name", ""),
-            )
-        else:
-            manifest = await self._install_url(body)
-        if body.get("activate"):
-            return await self._switch(body["version"], created=True)
-        return Response.json(manifest, 201)
-
-    async def _install_url(self, body: dict[str, Any]) -> dict[str, Any]:
-        from pi_agent.download import install_url  # urllib.request: only when needed
-
-        try:
-            return await asyncio.to_thread(
-                install_url,
-                self.store,
-                body["version"],
-                body["url"],
-                body["sha256"],
-                body.get("name", ""),
-                self.cfg["store"]["download_timeout_s"],
-                self.client_tls,
-            )
-        except StoreError as exc:
-            if exc.status == 502:  # an unreachable URL is the caller's to fix
-                raise StoreError(str(exc), 422) from None
-            raise
-
-    async def get_blob(self, request: Request) -> FileResponse:
-        """The GGUF of an installed version by its sha256, whole or one byte range."""
-        sha256 = _BLOB_PATH.match(request.path).group(1)  # type: ignore[union-attr]
-        if not SHA256_RE.fullmatch(sha256):
-            raise HTTPError(400, "a blob is named by its sha256: 64 lowercase hex digits")
-        handle = await asyncio.to_thread(self.store.open_blob, sha256)
-        size = os.fstat(handle.fileno()).st_size
-        ranged = request.method == "GET"  # RFC 9110: Range is defined for GET only
-        try:
-            span = byte_range(request.headers.get("range") if ranged else None, size)
-        except HTTPError:
-            handle.close()
-            raise
-        headers = {"Accept-Ranges": "bytes", "ETag": f'"{sha256}"'}
-        first, last = span if span is not None else (0, size - 1)
-        if span is not None:
-            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-
-        def count(sent: int) -> None:
-            self.blob_stats.bytes_served += sent
-
-        return FileResponse(
-            handle, first, last - first + 1, 206 if span else 200, headers=headers, on_sent=count
-        )
-
-    async def upload(self, request: Request) -> Response:
-        """Install the request body (raw GGUF) as a version, verified by sha256."""
-        version = _VERSION_PATH.match(request.path).group(1)  # type: ignore[union-attr]
-        if "content-length" not in request.headers:
-            raise HTTPError(411, "an upload needs Content-Length")
-        limit = self.cfg["agent"]["max_upload_bytes"]
-        if request.content_length > limit:
-            raise HTTPError(413, f"upload larger than {limit} bytes")
-        manifest = await install_upload(
-            self.store,
-            request,
-            version,
-            request.query.get("sha256", ""),
-            request.query.get("name", ""),
-            self.cfg["agent"]["upload_deadline_s"],
-        )
-        return Response.json(manifest, 201)
-
-    async def delete_model(self, request: Request) -> Response:
-        """Delete a version that is neither active nor previous."""
-        version = _VERSION_PATH.match(request.path).group(1)  # type: ignore[union-attr]
-        async with self.switcher.lock:
-            await asyncio.to_thread(self.store.remove, version)
-        return Response.json({"deleted": version})
-
-    async def activate(self, request: Request) -> Response:
-        """Switch to a version, probe it, roll back if the probe fails."""
-        version = _VERSION_PATH.match(request.path).group(1)  # type: ignore[union-attr]
-        return await self._switch(version)
-
-    async def rollback(self, request: Request) -> Response:
-        """Switch back to the previous version."""
-        previous = self.store.previous_version()
-        if previous is None:
-            raise HTTPError(409, "no previous model version to roll back to")
-        return await self._switch(previous)
-
-    async def _switch(self, version: str, created: bool = False) -> Response:
-        done = await self.switcher.switch(self.store, version)
-        done["sha256"] = self.store.manifest(version)["sha256"]
-        return Response.json(done, 201 if created else 200)
 
     # the decoder, as a switch restarts and probes it (pi_agent.switch.Decoder)
 
