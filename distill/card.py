@@ -95,6 +95,10 @@ def statistics_of(records: Sequence[Record]) -> dict[str, Any]:
         "requires_json": sum(r.requires_json for r in records),
         "labelled": len(labelled),
         "with_logprobs": sum("teacher_logprobs" in r.extra for r in labelled),
+        "trimmed": sum(
+            "trimmed" in ((r.metadata.get("provenance") or {}).get("labeller") or {})
+            for r in labelled
+        ),
         "rejected": rejects_of(sorted({Path(r.source) for r in records})),
         "register": _distribution([r.metadata["register"] for r in records]),
         "dialect": _distribution([r.metadata["dialect"] for r in records]),
@@ -182,7 +186,8 @@ def render_card(stats: dict[str, Any], args: CardArgs) -> str:
         f"# {args.name}",
         f"{stats['rows']} rows from {len(stats['files'])} file(s); "
         f"{stats['requires_json']} ask for JSON; {stats['labelled']} labelled by a teacher"
-        f" ({stats['with_logprobs']} with its top-K log-probabilities); "
+        f" ({stats['with_logprobs']} with its top-K log-probabilities, {stats['trimmed']} cut "
+        "back to their last finished sentence); "
         f"{stats['rejected']['rows']} rejected by the labeller.",
         "## Files\n\n" + _count_table(stats["files"], "file"),
         "## Splits\n\n" + _table(stats["splits"], "split"),

@@ -55,6 +55,7 @@ def test_card_aggregates_labeller_provenance(tmp_path: Path) -> None:
                             "tool": "pidistill 0.1.0",
                             "transformers": "5.0",
                             "generation": {"max_new_tokens": 8},
+                            **({"trimmed": {"from_tokens": 8, "to": 3}} if i == 2 else {}),
                         },
                     },
                 },
@@ -64,6 +65,8 @@ def test_card_aggregates_labeller_provenance(tmp_path: Path) -> None:
     card.run(CardArgs(input=[labelled], output=tmp_path / "c.md"))
     stats = json.loads((tmp_path / "c.json").read_text())
     assert stats["labelled"] == 3
+    assert stats["trimmed"] == 1
+    assert "1 cut back to their last finished sentence" in (tmp_path / "c.md").read_text()
     assert stats["provenance"]["labellers"] == {
         "teacher-a @ r1 (transformers, chat)": 2,
         "teacher-b @ r1 (transformers, chat)": 1,
