@@ -121,14 +121,14 @@ def build_dir(variant: str) -> Path:
     return root() / f"build-{variant}-{digest}"
 
 
-def find_tools(variant: str = "native") -> Tools | None:
-    """The built tools, or ``None`` when they are not built yet."""
+def find_tools(variant: str = "native", targets: Sequence[str] = TARGETS) -> Tools | None:
+    """The built tools (``targets`` of them), or ``None`` when they are not built yet."""
     override = os.environ.get("PIDISTILL_LLAMA_CPP_BIN")
     source = root() / "src"
     if override:
         return Tools(source=source, bin=Path(override), variant="external")
     bin_dir = build_dir(variant) / "bin"
-    if all((bin_dir / t).is_file() for t in TARGETS) and (source / "CMakeLists.txt").is_file():
+    if all((bin_dir / t).is_file() for t in targets) and (source / "CMakeLists.txt").is_file():
         return Tools(source=source, bin=bin_dir, variant=variant)
     return None
 
@@ -166,26 +166,30 @@ def fetch_source() -> Path:
     return source
 
 
-def build(variant: str = "native", jobs: int | None = None) -> Tools:
-    """Configure and build the pinned tools (once; a second call finds them)."""
+def build(
+    variant: str = "native", jobs: int | None = None, targets: Sequence[str] = TARGETS
+) -> Tools:
+    """Configure and build the pinned tools (once; a second call finds them). ``targets``: a
+    subset when only some are needed (``("llama-bench",)`` skips llama-server's long build);
+    a later call for more builds the rest in the same directory."""
     target = build_dir(variant)
-    found = find_tools(variant)
+    found = find_tools(variant, targets)
     if found:
         return found
     with file_lock(root() / f"build-{variant}.lock"):
-        found = find_tools(variant)
+        found = find_tools(variant, targets)
         if found:
             return found
         source = fetch_source()
         run(["cmake", "-S", str(source), "-B", str(target), *flags(variant)])
         cores = str(jobs or os.cpu_count() or 2)
-        run(["cmake", "--build", str(target), "-j", cores, "--target", *TARGETS], stream=True)
+        run(["cmake", "--build", str(target), "-j", cores, "--target", *targets], stream=True)
         (target / "pidistill-build.json").write_text(
             json.dumps({"variant": variant, "commit": LLAMA_CPP_COMMIT, "flags": flags(variant)})
         )
-    tools = find_tools(variant)
+    tools = find_tools(variant, targets)
     if tools is None:
-        raise LlamaCppError(f"build finished but {target}/bin lacks some of {TARGETS}")
+        raise LlamaCppError(f"build finished but {target}/bin lacks some of {list(targets)}")
     return tools
 
 
