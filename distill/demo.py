@@ -52,6 +52,14 @@ class Settings:
     demo_token_embedding_type: str = ""
     demo_fleet_size: int = 3
 
+    def student(self) -> dict[str, Any]:
+        """The ``distill train`` values that make the demo's student (the bench trains it too)."""
+        return {
+            "init_from_teacher_every": self.demo_student_every,
+            "init_layers": self.demo_student_layers,
+            "learning_rate": self.demo_learning_rate,
+        }
+
     @classmethod
     def from_env(cls) -> Settings:
         """Read every knob; a malformed value fails with the variable's name."""
@@ -127,9 +135,7 @@ def main() -> int:
         "train",
         data=labelled,
         output=train_dir,
-        init_from_teacher_every=settings.demo_student_every,
-        init_layers=settings.demo_student_layers,
-        learning_rate=settings.demo_learning_rate,
+        **settings.student(),
         method=settings.demo_method,
         loss=settings.demo_loss,
         epochs=settings.demo_epochs,
