@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 export PIDISTILL_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-APT_PACKAGES := build-essential cmake git python3-venv podman runc debootstrap prometheus aria2 mktorrent libopenblas-dev
+APT_PACKAGES := build-essential cmake ccache git python3-venv podman runc debootstrap prometheus aria2 mktorrent libopenblas-dev
 STAMP_APT := $(PIDISTILL_CACHE_DIR)/apt.stamp
 STAMP_VENV := $(VENV)/.installed
 

@@ -9,7 +9,9 @@ history is shallow, so the build number llama.cpp reports means nothing: the pin
 the sdist version and the llama.cpp commit it vendors.
 
 Only the needed targets are built, without the web UI (whose build would download it), tests or
-examples, statically linked so the binaries can be copied to same-architecture hosts.
+examples, statically linked so the binaries can be copied to same-architecture hosts. When
+``ccache`` is installed, compiles go through it (its cache under ``<cache>/llama.cpp/ccache``):
+the OpenBLAS variant then recompiles only what ``GGML_USE_BLAS`` changes, not ggml's CPU kernels.
 ``$PIDISTILL_LLAMA_CPP_BIN`` points at an existing build instead.
 """
 
@@ -121,6 +123,19 @@ def build_dir(variant: str) -> Path:
     return root() / f"build-{variant}-{digest}"
 
 
+def launcher() -> tuple[tuple[str, ...], dict[str, str]]:
+    """CMake flags and environment that compile through ccache, or nothing without it.
+
+    Not part of a build's flags (nor of its directory's name): a build made without ccache is
+    still found. ``CCACHE_BASEDIR`` makes the variants' sibling build directories hash alike.
+    """
+    if shutil.which("ccache") is None:
+        return (), {}
+    flags = ("-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache")
+    env = {"CCACHE_DIR": str(root() / "ccache"), "CCACHE_BASEDIR": str(root())}
+    return flags, env
+
+
 def find_tools(variant: str = "native", targets: Sequence[str] = TARGETS) -> Tools | None:
     """The built tools (``targets`` of them), or ``None`` when they are not built yet."""
     override = os.environ.get("PIDISTILL_LLAMA_CPP_BIN")
@@ -181,9 +196,12 @@ def build(
         if found:
             return found
         source = fetch_source()
-        run(["cmake", "-S", str(source), "-B", str(target), *flags(variant)])
+        extra, env = launcher()
+        env = {**os.environ, **env}
+        run(["cmake", "-S", str(source), "-B", str(target), *flags(variant), *extra], env=env)
         cores = str(jobs or os.cpu_count() or 2)
-        run(["cmake", "--build", str(target), "-j", cores, "--target", *targets], stream=True)
+        run(["cmake", "--build", str(target), "-j", cores, "--target", *targets],
+            env=env, stream=True)  # fmt: skip
         (target / "pidistill-build.json").write_text(
             json.dumps({"variant": variant, "commit": LLAMA_CPP_COMMIT, "flags": flags(variant)})
         )
