@@ -5,18 +5,30 @@ through :func:`read_records`, so a bad row fails the same way everywhere: one li
 ``path:line: field: what is wrong`` and nothing written. Labelling and training both build their
 prompts with :func:`render_prompt`, so the student sees exactly what the teacher saw.
 
-A row::
+The row format is the JSON Schema ``distill/row.schema.json`` (:func:`row_schema`); rows are
+validated against it, then for what a schema cannot say. Only ``user`` is required::
+
+    {"user": "Y fait-tu frette dehors?"}
+
+A full row::
 
     {"id": "qd-0001", "system_hint": "Tu es ...", "user": "...", "requires_json": true,
      "json_schema": {"type": "object", ...}, "split": "train",
      "metadata": {"register": "familier", "dialect": "québécois",
                   "provenance": {"source": "pidistill-authors"}}}
 
-A labelled row adds ``assistant`` (the teacher's answer) and ``metadata.provenance.labeller``.
+A conversation carries its earlier turns in ``history`` (user, assistant, ... ending with an
+assistant turn); the teacher answers ``user``, the last user turn, and training learns that
+answer alone. A row without ``id`` gets one derived from its content (:func:`derive_id`), the
+same on every run, recorded as ``metadata.provenance.id_derived``. An answer that came with
+the source is ``reference``, never the teacher's. A labelled row adds ``assistant`` (the
+teacher's answer) and ``metadata.provenance.labeller``.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -28,16 +40,27 @@ from typing import Any, Literal
 PromptStyle = Literal["plain", "chat"]
 PROMPT_STYLES: tuple[str, ...] = ("plain", "chat")
 SPLITS: tuple[str, ...] = ("train", "heldout")
-REQUIRED_FIELDS: tuple[str, ...] = (
+ROLES: tuple[str, ...] = ("user", "assistant")
+SCHEMA_PATH = Path(__file__).with_name("row.schema.json")
+# Known fields in the order they are written and their errors reported.
+FIELDS: tuple[str, ...] = (
     "id",
     "system_hint",
+    "history",
     "user",
     "requires_json",
     "json_schema",
+    "split",
+    "reference",
+    "assistant",
     "metadata",
 )
-REQUIRED_METADATA: tuple[str, ...] = ("register", "dialect", "provenance")
+# What the id of a row without one is derived from: the prompt, never answers or metadata.
+ID_CONTENT: tuple[str, ...] = ("system_hint", "history", "user", "requires_json", "json_schema")
+UNSPECIFIED = "unspecified"
 SEPARATOR = "\n\n"
+# Role names of the plain prompt style, for a conversation's turns.
+PLAIN_ROLES = {"user": "User", "assistant": "Assistant"}
 JSON_INSTRUCTIONS = (
     "Answer with one JSON object only, no prose and no code fence, "
     "valid against this JSON Schema:\n{schema}"
@@ -45,9 +68,15 @@ JSON_INSTRUCTIONS = (
 
 
 class RecordError(ValueError):
-    """A row that cannot be used; ``str()`` is the one-line ``path:line: field: problem``."""
+    """A row that cannot be used; ``str()`` is the one-line ``path:line: field: problem``.
 
-    def __init__(self, path: str | os.PathLike[str], line: int, field_name: str, problem: str):
+    ``line`` is an int for a line of a file; a location such as ``"row 7"`` (a parquet row)
+    is written as it is.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], line: int | str, field_name: str, problem: str
+    ):
         self.path = str(path)
         self.line = line
         self.field = field_name
@@ -69,19 +98,28 @@ class Record:
     assistant: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = ""
-    line: int = 0
+    line: int | str = 0
+    history: tuple[dict[str, str], ...] = ()
+    reference: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The row as written to JSONL: known fields first, unknown ones kept as they came."""
-        row: dict[str, Any] = {
-            "id": self.id,
-            "system_hint": self.system_hint,
-            "user": self.user,
-            "requires_json": self.requires_json,
-            "json_schema": self.json_schema,
-            "split": self.split,
-            "metadata": self.metadata,
-        }
+        """The row as written to JSONL: known fields first, unknown ones kept as they came.
+
+        ``history`` and ``reference`` are written only when the row has them, so a
+        single-turn row reads as it always did.
+        """
+        row: dict[str, Any] = {"id": self.id, "system_hint": self.system_hint}
+        if self.history:
+            row["history"] = [dict(turn) for turn in self.history]
+        row.update(
+            user=self.user,
+            requires_json=self.requires_json,
+            json_schema=self.json_schema,
+            split=self.split,
+            metadata=self.metadata,
+        )
+        if self.reference is not None:
+            row["reference"] = self.reference
         if self.assistant is not None:
             row["assistant"] = self.assistant
         row.update(self.extra)
@@ -92,19 +130,36 @@ class Record:
         """``path:line`` of the row, for messages."""
         return f"{self.source}:{self.line}"
 
+    @property
+    def turns(self) -> int:
+        """User turns in the conversation, the one the teacher answers included."""
+        return len(self.history) // 2 + 1
+
+    @property
+    def id_derived(self) -> bool:
+        """Whether the id was derived from the content rather than given."""
+        return bool((self.metadata.get("provenance") or {}).get("id_derived"))
+
+    def meta(self, name: str) -> str:
+        """``metadata[name]`` as a string, ``unspecified`` when the row does not say."""
+        value = self.metadata.get(name)
+        return str(value) if value not in (None, "") else UNSPECIFIED
+
 
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_type(value: Any, expected: type | tuple[type, ...], name: str) -> str | None:
-    # bool is an int in Python; a JSON boolean is never a valid string or count here.
-    if isinstance(value, bool) and bool not in (
-        expected if isinstance(expected, tuple) else (expected,)
-    ):
-        return f"expected {_type_name(expected)}, got boolean"
-    if not isinstance(value, expected):
-        return f"expected {_type_name(expected)}, got {_json_type(value)}"
-    return None
+@functools.cache
+def row_schema() -> dict[str, Any]:
+    """The row format as a JSON Schema (draft 2020-12), read from ``distill/row.schema.json``."""
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+@functools.cache
+def _validator() -> Any:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(row_schema())
 
 
 def _type_name(expected: type | tuple[type, ...]) -> str:
@@ -121,78 +176,133 @@ def _json_type(value: Any) -> str:
     )
 
 
+def _field_path(parts: Iterable[Any]) -> str:
+    """``metadata.register``, ``history[1].role``: a JSON path as the error line names it."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _schema_problem(error: Any) -> tuple[str, str]:
+    """``(field, problem)`` of one jsonschema error, in the words the error lines use."""
+    path = list(error.absolute_path)
+    kind = error.validator
+    if "then" in error.schema_path:  # the allOf rule tying json_schema to requires_json
+        return "json_schema", "required when requires_json is true"
+    if kind == "required":
+        missing = next(n for n in error.validator_value if n not in error.instance)
+        return _field_path([*path, missing]), "missing required field"
+    if kind == "additionalProperties":
+        known = error.schema.get("properties", {})
+        extra = next(k for k in error.instance if k not in known)
+        return _field_path([*path, extra]), "unknown field"
+    if kind == "type" and not path:
+        return "(row)", f"expected a JSON object, got {_json_type(error.instance)}"
+    if kind == "type":
+        wanted = error.validator_value
+        wanted = " or ".join(wanted if isinstance(wanted, list) else [wanted])
+        return _field_path(path), f"expected {wanted}, got {_json_type(error.instance)}"
+    if kind == "enum":
+        allowed = ", ".join(map(str, error.validator_value))
+        return _field_path(path), f"must be one of {allowed}, got {error.instance!r}"
+    if kind == "pattern":
+        return _field_path(path), "must not be empty"
+    return _field_path(path) or "(row)", error.message
+
+
+def _error_order(error: Any) -> tuple[int, int, str]:
+    path = list(error.absolute_path)
+    top = path[0] if path else None
+    if top is None and error.validator == "required":
+        top = next((n for n in error.validator_value if n not in error.instance), None)
+    if "then" in error.schema_path:
+        top = "json_schema"
+    rank = FIELDS.index(top) if top in FIELDS else len(FIELDS)
+    return rank, len(path), str(path)
+
+
+def schema_errors(row: Any) -> list[tuple[str, str]]:
+    """Every ``(field, problem)`` of a decoded row against the row schema, first field first."""
+    errors = sorted(_validator().iter_errors(row), key=_error_order)
+    return [_schema_problem(e) for e in errors]
+
+
+def derive_id(row: Mapping[str, Any]) -> str:
+    """``row-`` + 16 hex digits of a sha256 over the row's prompt: the same on every run.
+
+    Only the prompt counts (system hint, history, user text, JSON schema), with defaults filled
+    in, so a row keeps its id once labelled and whether or not it spells its defaults out.
+    """
+    content = {
+        "system_hint": row.get("system_hint") or "",
+        "history": list(row.get("history") or []),
+        "user": row["user"],
+        "requires_json": bool(row.get("requires_json", False)),
+        "json_schema": row.get("json_schema"),
+    }
+    text = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return "row-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def record_from_dict(
-    row: Any, *, path: str | os.PathLike[str] = "<row>", line: int = 0, require_answer: bool = False
+    row: Any,
+    *,
+    path: str | os.PathLike[str] = "<row>",
+    line: int | str = 0,
+    require_answer: bool = False,
 ) -> Record:
-    """Validate one decoded row; return a :class:`Record` or raise :class:`RecordError`."""
+    """Validate one decoded row; return a :class:`Record` (defaults filled) or raise."""
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
 
     def fail(name: str, problem: str) -> RecordError:
         return RecordError(path, line, name, problem)
 
-    if not isinstance(row, dict):
-        raise fail("(row)", f"expected a JSON object, got {_json_type(row)}")
-    for name in REQUIRED_FIELDS:
-        if name not in row:
-            raise fail(name, "missing required field")
-    for name, expected in (
-        ("id", str),
-        ("system_hint", str),
-        ("user", str),
-        ("requires_json", bool),
-        ("json_schema", (dict, type(None))),
-        ("metadata", dict),
-    ):
-        problem = _check_type(row[name], expected, name)
-        if problem:
-            raise fail(name, problem)
-    if not row["id"].strip():
-        raise fail("id", "must not be empty")
-    if not row["user"].strip():
-        raise fail("user", "must not be empty")
-    schema = row["json_schema"]
-    if row["requires_json"] and schema is None:
-        raise fail("json_schema", "required when requires_json is true")
+    problems = schema_errors(row)
+    if problems:
+        raise fail(*problems[0])
+    history = tuple(row.get("history") or ())
+    for index, turn in enumerate(history):
+        expected = ROLES[index % 2]
+        if turn["role"] != expected:
+            raise fail(
+                f"history[{index}].role",
+                f"expected {expected}: turns alternate user, assistant, starting with user",
+            )
+    if len(history) % 2:
+        raise fail(
+            f"history[{len(history) - 1}]",
+            "the last earlier turn must be the assistant's (the row's user text comes next)",
+        )
+    schema = row.get("json_schema")
     if schema is not None:
         try:
             Draft202012Validator.check_schema(schema)
         except SchemaError as err:
             raise fail("json_schema", f"invalid JSON Schema: {err.message}") from None
-    metadata = row["metadata"]
-    for name in REQUIRED_METADATA:
-        if name not in metadata:
-            raise fail(f"metadata.{name}", "missing required field")
-    for name in ("register", "dialect"):
-        problem = _check_type(metadata[name], str, name)
-        if problem:
-            raise fail(f"metadata.{name}", problem)
-    problem = _check_type(metadata["provenance"], dict, "provenance")
-    if problem:
-        raise fail("metadata.provenance", problem)
-    split = row.get("split", "train")
-    if split not in SPLITS:
-        raise fail("split", f"must be one of {', '.join(SPLITS)}, got {split!r}")
     assistant = row.get("assistant")
-    if assistant is not None:
-        problem = _check_type(assistant, str, "assistant")
-        if problem:
-            raise fail("assistant", problem)
     if require_answer and not (assistant or "").strip():
         raise fail("assistant", "missing answer (label this row first)")
-    known = {*REQUIRED_FIELDS, "split", "assistant"}
+    metadata = dict(row.get("metadata") or {})
+    record_id = row.get("id")
+    if record_id is None:
+        record_id = derive_id(row)
+        metadata["provenance"] = {**(metadata.get("provenance") or {}), "id_derived": True}
     return Record(
-        id=row["id"],
-        system_hint=row["system_hint"],
+        id=record_id,
+        system_hint=row.get("system_hint", ""),
         user=row["user"],
-        requires_json=row["requires_json"],
+        requires_json=row.get("requires_json", False),
         json_schema=schema,
         metadata=metadata,
-        split=split,
+        split=row.get("split", "train"),
         assistant=assistant,
-        extra={k: v for k, v in row.items() if k not in known},
+        extra={k: v for k, v in row.items() if k not in FIELDS},
         source=str(path),
         line=line,
+        history=tuple({"role": t["role"], "content": t["content"]} for t in history),
+        reference=row.get("reference"),
     )
 
 
@@ -249,8 +359,9 @@ def read_many(
             record = record_from_dict(row, path=path, line=number, require_answer=require_answer)
             if record.id in seen:
                 first = seen[record.id]
+                how = " derived from the same prompt" if record.id_derived else ""
                 raise RecordError(
-                    path, number, "id", f"duplicate id {record.id!r} (first seen at {first})"
+                    path, number, "id", f"duplicate id {record.id!r}{how} (first seen at {first})"
                 )
             seen[record.id] = f"{path}:{number}"
             records.append(record)
@@ -370,18 +481,32 @@ def user_text(record: Record) -> str:
 
 
 def build_messages(record: Record) -> list[dict[str, str]]:
-    """Chat messages for the row: an optional system turn, then the user turn."""
+    """Chat messages for the row: an optional system turn, the earlier turns, the user turn."""
     messages = []
     if record.system_hint.strip():
         messages.append({"role": "system", "content": record.system_hint.strip()})
+    messages += [{"role": t["role"], "content": t["content"].strip()} for t in record.history]
     messages.append({"role": "user", "content": user_text(record)})
     return messages
 
 
 def build_prompt(record: Record) -> str:
-    """The plain prompt: system hint, user text and JSON instructions joined by blank lines."""
-    parts = [record.system_hint.strip(), user_text(record)]
-    return SEPARATOR.join(part for part in parts if part) + SEPARATOR
+    """The plain prompt: system hint, user text and JSON instructions joined by blank lines.
+
+    A conversation names each turn (``User: ...``, ``Assistant: ...``) and ends with
+    ``Assistant:`` and a newline, where the answer starts.
+    """
+    if not record.history:
+        parts = [record.system_hint.strip(), user_text(record)]
+        return SEPARATOR.join(part for part in parts if part) + SEPARATOR
+    turns = [f"{PLAIN_ROLES[t['role']]}: {t['content'].strip()}" for t in record.history]
+    parts = [
+        record.system_hint.strip(),
+        *turns,
+        f"{PLAIN_ROLES['user']}: {user_text(record)}",
+        f"{PLAIN_ROLES['assistant']}:",
+    ]
+    return SEPARATOR.join(part for part in parts if part) + "\n"
 
 
 def render_prompt(record: Record, style: PromptStyle = "plain", tokenizer: Any = None) -> str:

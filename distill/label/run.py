@@ -108,7 +108,7 @@ def _provenance(
 ) -> dict[str, Any]:
     row = record.to_dict()
     metadata = dict(row["metadata"])
-    provenance = dict(metadata["provenance"])
+    provenance = dict(metadata.get("provenance") or {})
     provenance["labeller"] = {
         **labeller,
         "generation": gen.as_dict(),

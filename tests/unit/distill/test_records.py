@@ -70,11 +70,42 @@ BAD_CASES = {
     "requires_json without a schema": BadCase(
         [row(requires_json=True)], 1, "json_schema", "required when requires_json is true"
     ),
-    "metadata without a register": BadCase(
-        [row(metadata={"dialect": "québécois", "provenance": {}})],
+    "a register that is not a string": BadCase(
+        [row(metadata={"register": 3})], 1, "metadata.register", "expected string, got number"
+    ),
+    "metadata that is a list": BadCase([row(metadata=[])], 1, "metadata", "expected object"),
+    "a history that starts with the assistant": BadCase(
+        [row(history=[{"role": "assistant", "content": "Allo!"}])],
         1,
-        "metadata.register",
-        "missing required field",
+        "history[0].role",
+        "expected user",
+    ),
+    "a history that ends on a user turn": BadCase(
+        [row(history=[{"role": "user", "content": "Allo!"}])],
+        1,
+        "history[0]",
+        "must be the assistant's",
+    ),
+    "a turn with an unknown role": BadCase(
+        [row(history=[{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}])],
+        1,
+        "history[0].role",
+        "must be one of user, assistant, got 'tool'",
+    ),
+    "a turn with an empty content": BadCase(
+        [row(history=[{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}])],
+        1,
+        "history[1].content",
+        "must not be empty",
+    ),
+    "a turn with an unknown field": BadCase(
+        [row(history=[{"role": "user", "content": "x", "name": "bob"}])],
+        1,
+        "history[0].name",
+        "unknown field",
+    ),
+    "a reference that is a number": BadCase(
+        [row(reference=3)], 1, "reference", "expected string or null, got number"
     ),
     "an unknown split": BadCase([row(split="test")], 1, "split", "must be one of"),
     "non-UTF-8 bytes": BadCase(
@@ -96,6 +127,63 @@ def test_bad_rows_fail_with_path_line_and_field(tmp_path: Path, case: BadCase) -
     assert message.startswith(f"{path}:{case.line}: {case.field}: "), message
     assert case.problem in message
     assert "\n" not in message
+
+
+def test_a_row_of_user_text_alone_gets_the_defaults(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "in.jsonl", ['{"user": "Y fait-tu frette dehors?"}'])
+    (record,) = records.read_records(path)
+    assert (record.system_hint, record.requires_json, record.json_schema, record.split) == (
+        "",
+        False,
+        None,
+        "train",
+    )
+    assert record.history == ()
+    assert record.reference is None
+    assert record.metadata == {"provenance": {"id_derived": True}}
+    assert (record.meta("register"), record.meta("dialect")) == ("unspecified", "unspecified")
+    assert records.build_prompt(record) == "Y fait-tu frette dehors?\n\n"
+
+
+def test_a_missing_id_is_derived_from_the_prompt_and_recorded(tmp_path: Path) -> None:
+    lines = ['{"user": "Allo!"}', '{"user": "Bonjour!", "metadata": {"topic": "salut"}}']
+    first = records.read_records(write_lines(tmp_path / "a.jsonl", lines))
+    again = records.read_records(write_lines(tmp_path / "b.jsonl", lines))
+    assert [r.id for r in first] == [r.id for r in again]
+    assert first[0].id != first[1].id
+    assert all(r.id.startswith("row-") and r.id_derived for r in first)
+    assert first[1].metadata == {"topic": "salut", "provenance": {"id_derived": True}}
+    # Defaults spelled out, metadata or an answer do not change it; the prompt does.
+    spelled = {"user": "Allo!", "system_hint": "", "requires_json": False, "json_schema": None}
+    assert records.derive_id({**spelled, "assistant": "Salut!"}) == first[0].id
+    assert records.derive_id({"user": "Allo!", "system_hint": "Sois poli."}) != first[0].id
+    # Written back (as a labelled row is), the id is kept and still reads as derived.
+    (back,) = [records.record_from_dict(first[0].to_dict())]
+    assert (back.id, back.id_derived) == (first[0].id, True)
+    given = records.read_records(write_lines(tmp_path / "c.jsonl", [row()]))
+    assert not given[0].id_derived
+
+
+def test_the_same_prompt_twice_without_ids_is_a_duplicate(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "in.jsonl", ['{"user": "Allo!"}', '{"user": "Allo!"}'])
+    with pytest.raises(RecordError, match=r"in.jsonl:2: id: duplicate id 'row-\w+' derived"):
+        records.read_records(path)
+
+
+def test_the_row_schema_file_is_a_valid_schema_that_names_every_field() -> None:
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads(records.SCHEMA_PATH.read_text(encoding="utf-8"))
+    Draft202012Validator.check_schema(schema)
+    assert set(schema["properties"]) == set(records.FIELDS)
+    assert schema["required"] == ["user"]
+    assert all(schema["properties"][name].get("description") for name in records.FIELDS)
+    # Another tool reading the file alone judges rows as pidistill does.
+    validator = Draft202012Validator(schema)
+    assert validator.is_valid(json.loads(row()))
+    assert validator.is_valid({"user": "Allo!"})
+    assert not validator.is_valid({"id": "x"})
+    assert not validator.is_valid({"user": "a", "requires_json": True})
 
 
 def test_duplicate_ids_across_files_name_the_first_place(tmp_path: Path) -> None:
@@ -151,6 +239,54 @@ def test_chat_prompt_uses_the_tokenizer_template(tiny_model: Path) -> None:
         "<|im_start|>system\nTu es un assistant québécois.<|im_end|>\n"
         "<|im_start|>user\nSalut, ça va-tu?<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+CONVERSATION = [
+    {"role": "user", "content": "Allo, t'es-tu là?"},
+    {"role": "assistant", "content": "Oui, je t'écoute!"},
+]
+
+
+def test_a_conversation_keeps_its_history_through_a_round_trip() -> None:
+    record = make(history=CONVERSATION, reference="Une réponse venue d'ailleurs.")
+    assert record.turns == 2
+    again = records.record_from_dict(json.loads(json.dumps(record.to_dict())))
+    assert again == records.record_from_dict(record.to_dict())
+    assert list(again.history) == CONVERSATION
+    assert again.reference == "Une réponse venue d'ailleurs."
+    assert list(record.to_dict())[:4] == ["id", "system_hint", "history", "user"]
+    assert "history" not in make().to_dict() and "reference" not in make().to_dict()
+
+
+def test_plain_prompt_of_a_conversation_names_each_turn() -> None:
+    prompt = records.build_prompt(make(history=CONVERSATION))
+    assert prompt == (
+        "Tu es un assistant québécois.\n\nUser: Allo, t'es-tu là?\n\n"
+        "Assistant: Oui, je t'écoute!\n\nUser: Salut, ça va-tu?\n\nAssistant:\n"
+    )
+
+
+def test_chat_prompt_of_a_conversation_holds_every_turn(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    record = make(history=CONVERSATION, requires_json=True, json_schema=SCHEMA)
+    assert [m["role"] for m in records.build_messages(record)] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+    ]
+    prompt = records.render_prompt(record, "chat", tokenizer)
+    assert prompt.startswith(
+        "<|im_start|>system\nTu es un assistant québécois.<|im_end|>\n"
+        "<|im_start|>user\nAllo, t'es-tu là?<|im_end|>\n"
+        "<|im_start|>assistant\nOui, je t'écoute!<|im_end|>\n"
+        "<|im_start|>user\nSalut, ça va-tu?\n\nAnswer with one JSON object"
+    )
+    # The JSON instructions belong to the last user turn only.
+    assert prompt.count("Answer with one JSON object") == 1
+    assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_chat_prompt_without_template_is_refused() -> None:
