@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.argspec import arg
-from distill.records import Record, atomic_write_json, atomic_write_text, read_many
+from distill.records import UNSPECIFIED, Record, atomic_write_json, atomic_write_text, read_many
 
 
 @dataclass
@@ -71,6 +71,21 @@ def _distribution(values: Sequence[str]) -> dict[str, dict[str, float]]:
     }
 
 
+def _provenance(record: Record) -> dict[str, Any]:
+    return record.metadata.get("provenance") or {}
+
+
+def _conversations(records: Sequence[Record]) -> dict[str, Any]:
+    """Multi-turn rows: how many, their user turns, and how many the teacher answered."""
+    multi = [r for r in records if r.history]
+    return {
+        "rows": len(multi),
+        "labelled": sum(r.assistant is not None for r in multi),
+        "turns": {str(n): count for n, count in sorted(Counter(r.turns for r in records).items())},
+        "earlier_turns": _lengths([t["content"] for r in multi for t in r.history]),
+    }
+
+
 def statistics_of(records: Sequence[Record]) -> dict[str, Any]:
     """Every number on the card, as a JSON-ready dict."""
     labelled = [r for r in records if r.assistant is not None]
@@ -78,7 +93,7 @@ def statistics_of(records: Sequence[Record]) -> dict[str, Any]:
     tools: Counter[str] = Counter()
     settings: Counter[str] = Counter()
     for record in labelled:
-        who = record.metadata["provenance"].get("labeller") or {}
+        who = _provenance(record).get("labeller") or {}
         labellers[
             f"{who.get('model', '?')} @ {who.get('revision') or '-'} ({who.get('backend', '?')},"
             f" {who.get('prompt_style', '?')})"
@@ -100,8 +115,11 @@ def statistics_of(records: Sequence[Record]) -> dict[str, Any]:
             for r in labelled
         ),
         "rejected": rejects_of(sorted({Path(r.source) for r in records})),
-        "register": _distribution([r.metadata["register"] for r in records]),
-        "dialect": _distribution([r.metadata["dialect"] for r in records]),
+        "register": _distribution([r.meta("register") for r in records]),
+        "dialect": _distribution([r.meta("dialect") for r in records]),
+        "conversations": _conversations(records),
+        "with_reference": sum(r.reference is not None for r in records),
+        "ids_derived": sum(r.id_derived for r in records),
         "topic": _distribution([str(r.metadata.get("topic", "—")) for r in records]),
         "lengths": {
             "user": _lengths([r.user for r in records]),
@@ -110,10 +128,10 @@ def statistics_of(records: Sequence[Record]) -> dict[str, Any]:
         },
         "provenance": {
             "source": dict(
-                Counter(str(r.metadata["provenance"].get("source", "?")) for r in records)
+                Counter(str(_provenance(r).get("source") or UNSPECIFIED) for r in records)
             ),
             "license": dict(
-                Counter(str(r.metadata["provenance"].get("license", "?")) for r in records)
+                Counter(str(_provenance(r).get("license") or UNSPECIFIED) for r in records)
             ),
             "labellers": dict(labellers),
             "tool_versions": dict(tools),
@@ -147,6 +165,24 @@ def _count_table(rows: dict[str, int], title: str) -> str:
     lines = [f"| {title} | rows |", "| --- | ---: |"]
     lines += [f"| {k} | {n} |" for k, n in rows.items()]
     return "\n".join(lines)
+
+
+def _conversation_section(stats: dict[str, Any]) -> list[str]:
+    """The multi-turn table, when some rows are conversations."""
+    talk = stats["conversations"]
+    if not talk["rows"]:
+        return []
+    total = sum(talk["turns"].values())
+    turns = {k: {"count": n, "share": round(n / total, 4)} for k, n in talk["turns"].items()}
+    earlier = talk["earlier_turns"]
+    return [
+        "## Conversations\n\n"
+        f"{talk['rows']} rows carry earlier turns ({talk['labelled']} of them labelled). The "
+        "teacher answers the last user turn; training learns that answer alone, the earlier "
+        "turns (assistant ones included) are context with no loss. Earlier turns: median "
+        f"{earlier.get('median_words')} words, max {earlier.get('max_words')}.\n\n"
+        + _table(turns, "user turns")
+    ]
 
 
 def render_card(stats: dict[str, Any], args: CardArgs) -> str:
@@ -188,12 +224,17 @@ def render_card(stats: dict[str, Any], args: CardArgs) -> str:
         f"{stats['requires_json']} ask for JSON; {stats['labelled']} labelled by a teacher"
         f" ({stats['with_logprobs']} with its top-K log-probabilities, {stats['trimmed']} cut "
         "back to their last finished sentence); "
-        f"{stats['rejected']['rows']} rejected by the labeller.",
+        f"{stats['rejected']['rows']} rejected by the labeller; "
+        f"{stats['conversations']['rows']} are conversations of several turns; "
+        f"{stats['with_reference']} carry a reference answer from their source; "
+        f"{stats['ids_derived']} have an id derived from their content. Rows that name no "
+        f"register, dialect, source or license count as `{UNSPECIFIED}`.",
         "## Files\n\n" + _count_table(stats["files"], "file"),
         "## Splits\n\n" + _table(stats["splits"], "split"),
         "## Register\n\n" + _table(stats["register"], "register"),
         "## Dialect\n\n" + _table(stats["dialect"], "dialect"),
         "## Lengths\n\n" + "\n".join(length_rows),
+        *_conversation_section(stats),
         "## Provenance\n\n"
         + _count_table(provenance["source"], "source")
         + "\n\n"

@@ -98,3 +98,48 @@ def test_the_card_counts_what_the_labeller_rejected_and_why(tmp_path) -> None:
     stats = _json.loads(out.with_suffix(".json").read_text())
     assert stats["rejected"] == {"rows": 3, "by_reason": {"repetition": 2, "truncated": 1}}
     assert "| repetition | 2 |" in out.read_text()
+
+
+def test_a_file_of_user_rows_gets_a_card_with_unspecified_metadata(tmp_path: Path) -> None:
+    source = tmp_path / "mine.jsonl"
+    source.write_text(
+        '{"user": "Y fait-tu frette?"}\n'
+        '{"user": "Pis demain?", "metadata": {"register": "familier"}}\n',
+        encoding="utf-8",
+    )
+    output = tmp_path / "CARD.md"
+    card.run(CardArgs(input=[source], output=output))
+    stats = json.loads(output.with_suffix(".json").read_text())
+    assert stats["register"] == {
+        "familier": {"count": 1, "share": 0.5},
+        "unspecified": {"count": 1, "share": 0.5},
+    }
+    assert stats["dialect"] == {"unspecified": {"count": 2, "share": 1.0}}
+    assert stats["provenance"]["source"] == {"unspecified": 2}
+    assert stats["ids_derived"] == 2
+    assert "| unspecified | 2 | 100.0% |" in output.read_text()
+
+
+def test_the_card_shows_conversations_and_their_turns(tmp_path: Path) -> None:
+    history = [
+        {"role": "user", "content": "Allo!"},
+        {"role": "assistant", "content": "Salut, ça va?"},
+    ]
+    rows = [
+        {"id": "a", "user": "Une question."},
+        {"id": "b", "history": history, "user": "Pis toi?", "assistant": "Ben correct."},
+        {"id": "c", "history": history * 2, "user": "Encore?", "reference": "Oui."},
+    ]
+    source = tmp_path / "talk.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    output = tmp_path / "CARD.md"
+    card.run(CardArgs(input=[source], output=output))
+    stats = json.loads(output.with_suffix(".json").read_text())
+    assert stats["conversations"]["rows"] == 2
+    assert stats["conversations"]["labelled"] == 1
+    assert stats["conversations"]["turns"] == {"1": 1, "2": 1, "3": 1}
+    assert stats["with_reference"] == 1
+    text = output.read_text()
+    assert "## Conversations" in text
+    assert "2 rows carry earlier turns (1 of them labelled)" in text
+    assert "| 3 | 1 | 33.3% |" in text
