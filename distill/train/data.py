@@ -116,7 +116,7 @@ class ListDataset:
 
 
 def data_record(paths: Sequence[Path], records: Sequence[Record]) -> list[dict[str, Any]]:
-    """Each data file with its hash and row counts per split."""
+    """Each data file with its hash, row counts per split and its multi-turn rows."""
     from distill.models import sha256_file
 
     out = []
@@ -129,6 +129,7 @@ def data_record(paths: Sequence[Path], records: Sequence[Record]) -> list[dict[s
                 "rows": len(rows),
                 "train": sum(r.split == "train" for r in rows),
                 "heldout": sum(r.split == "heldout" for r in rows),
+                "conversations": sum(bool(r.history) for r in rows),
             }
         )
     return out

@@ -292,3 +292,52 @@ def test_logprobs_are_recorded_per_answer_token(tmp_path: Path, tiny_model: Path
         if row.requires_json:
             # Under the grammar, the forbidden tokens have no mass: the top few hold it all.
             assert np.exp(block.top_logprobs).sum(axis=1).min() > 0.999
+
+
+def test_user_only_and_conversation_rows_are_labelled_on_the_last_user_turn(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.records import render_prompt
+
+    history = [
+        {"role": "user", "content": "Allo! Ça va-tu?"},
+        {"role": "assistant", "content": "Oui, pis toi?"},
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        '{"user": "Y fait-tu frette dehors?"}\n'
+        + json.dumps({"history": history, "user": "Ben correct. Tu fais quoi à soir?"})
+        + "\n",
+        encoding="utf-8",
+    )
+    args = LabelArgs(
+        input=source,
+        output=tmp_path / "out.jsonl",
+        teacher=str(tiny_model),
+        batch_size=1,
+        max_new_tokens=6,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        quality_gate=False,
+    )
+    summary = label_stage.label(args)
+    assert (summary.labelled, summary.rejected) == (2, 0)
+    plain, talk = read_records(args.output, require_answer=True)
+    assert [r.id for r in (plain, talk)] == [r.id for r in read_records(source)]
+    assert plain.id_derived and talk.id_derived
+    assert list(talk.history) == history
+    # The answer is the teacher's greedy continuation of the whole conversation.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    batch = tokenizer(render_prompt(talk, "chat", tokenizer), return_tensors="pt",
+                      add_special_tokens=False)  # fmt: skip
+    assert "Oui, pis toi?" in tokenizer.decode(batch["input_ids"][0])
+    with torch.inference_mode():
+        out = model.generate(
+            **batch, max_new_tokens=6, do_sample=False, temperature=None, top_p=None, top_k=None
+        )
+    expected = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert talk.assistant == expected.strip()

@@ -1,0 +1,74 @@
+"""Training batches (``distill.train.data``): the loss covers the teacher's answer and nothing else.
+
+A conversation's earlier turns, its earlier assistant turns included, are context: they came
+with the row, not from the teacher, so their tokens carry no label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from distill.encoding import IGNORE_INDEX, encode_all
+from distill.records import record_from_dict
+from distill.train.data import Collator, data_record, pack
+
+EARLIER = "Oui, je suis là, je t'écoute."
+ANSWER = "Ben oui, on va jaser de hockey."
+
+
+def conversation(**changes):
+    row = {
+        "id": "c1",
+        "system_hint": "Réponds en québécois.",
+        "history": [
+            {"role": "user", "content": "Allo, t'es-tu là?"},
+            {"role": "assistant", "content": EARLIER},
+        ],
+        "user": "On peut-tu jaser de hockey?",
+        "reference": "Une réponse d'ailleurs qui ne compte pas.",
+        "assistant": ANSWER,
+    }
+    return record_from_dict({**row, **changes})
+
+
+@pytest.mark.parametrize("style", ["chat", "plain"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_only_the_teacher_answer_of_a_conversation_is_learned(
+    tiny_model: Path, style: str, packed: bool
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    single = record_from_dict({"id": "s1", "user": "Salut!", "assistant": "Allo toi."})
+    examples, stats = encode_all([conversation(), single], tokenizer, style, 512)
+    items = pack(examples, 512) if packed else examples
+    batch = Collator(tokenizer.pad_token_id or 0, packed=packed)(items)
+    assert stats["sequences"] == 2
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        # A label is the token at its position, or none.
+        assert all(t in (i, IGNORE_INDEX) for t, i in zip(labels, ids, strict=True))
+        seen = tokenizer.decode(ids, skip_special_tokens=True)
+        learned = tokenizer.decode(
+            [t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True
+        )
+        if packed or "hockey?" in seen:
+            assert EARLIER in seen and "hockey?" in seen and "ailleurs" not in seen
+            assert ANSWER in learned
+            assert EARLIER not in learned and "hockey?" not in learned and "ailleurs" not in learned
+            assert learned.replace(ANSWER, "").replace("Allo toi.", "").strip() == ""
+        else:
+            assert learned.strip() == "Allo toi."
+
+
+def test_the_run_record_counts_conversations_per_file(tmp_path: Path) -> None:
+    path = tmp_path / "talk.jsonl"
+    path.write_text('{"user": "x"}\n', encoding="utf-8")
+    records = [
+        replace(conversation(), source=str(path)),
+        record_from_dict({"id": "b", "user": "x"}, path=path, line=2),
+    ]
+    (item,) = data_record([path], records)
+    assert (item["rows"], item["conversations"]) == (2, 1)
