@@ -1,6 +1,6 @@
 """A small, defensive client of the per-Pi agent's HTTP API (``pi_agent``).
 
-    client = AgentClient("http://10.0.0.11:8470", token="...")
+    client = AgentClient("https://10.0.0.11:8470", token="...", ca_file=Path("fleet/ca/ca.pem"))
     status = client.fetch()        # AgentStatus, or AgentError with a one-line reason
     status.model_name, status.ready, status.tg_tok_s, status.temperature_c
 
@@ -8,10 +8,14 @@ Endpoints read (``pi_agent.app``): ``GET /v1/status`` (required), ``GET /readyz`
 503 not ready) and ``GET /v1/bench`` (the last benchmark summary; 404 before the first one).
 Every endpoint but ``/healthz`` wants ``Authorization: Bearer <token>``. A field the agent
 leaves out, or sends with another type, reads as ``None``: an older or newer agent still shows.
+An https agent is verified against ``ca_file`` (the fleet's CA, which signed each agent's
+certificate), else against the system's CAs; a certificate it cannot verify is an ``AgentError``
+that says so, and no token is sent.
 """
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,14 +138,28 @@ class AgentClient:
     """One agent; every call raises ``AgentError`` (never an httpx exception)."""
 
     def __init__(
-        self, base_url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        ca_file: Path | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.ca_file = ca_file
         headers = {"Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._headers = headers
+
+    def _client(self, headers: dict[str, str] | None = None) -> httpx.Client:
+        """An httpx client that verifies the agent against ``ca_file`` (else the system's CAs)."""
+        try:
+            verify = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
+        except (OSError, ssl.SSLError) as err:
+            reason = getattr(err, "strerror", None) or getattr(err, "reason", None) or err
+            raise AgentError(f"CA file {self.ca_file}: {reason}") from None
+        return httpx.Client(timeout=self.timeout, headers=headers, verify=verify)
 
     def _get(self, client: httpx.Client, path: str) -> httpx.Response:
         try:
@@ -149,6 +167,12 @@ class AgentClient:
         except httpx.TimeoutException:
             raise AgentError(f"no answer within {self.timeout:g}s") from None
         except httpx.ConnectError as err:
+            if _untrusted(err):
+                trust = f"the CA in {self.ca_file}" if self.ca_file else "the system's CAs"
+                raise AgentError(
+                    f"certificate not trusted ({_reason(err)}): not signed by {trust} or not "
+                    "for this address (see --ca-file)"
+                ) from None
             raise AgentError(f"unreachable: {_reason(err)}") from None
         except httpx.HTTPError as err:
             raise AgentError(f"{type(err).__name__}: {_reason(err)}") from None
@@ -170,12 +194,12 @@ class AgentClient:
 
     def healthy(self) -> bool:
         """``/healthz`` answers 200 (needs no token)."""
-        with httpx.Client(timeout=self.timeout) as client:
+        with self._client() as client:
             return self._get(client, "/healthz").status_code == 200
 
     def fetch(self) -> AgentStatus:
         """Status, readiness and the last benchmark's throughput, in one ``AgentStatus``."""
-        with httpx.Client(timeout=self.timeout, headers=self._headers) as client:
+        with self._client(self._headers) as client:
             response = self._get(client, "/v1/status")
             self._check(response, "/v1/status")
             status = parse_status(self._json(response, "/v1/status"))
@@ -189,6 +213,16 @@ class AgentClient:
                 except ValueError:
                     tg = None
         return AgentStatus(**{**status.__dict__, "ready": ready_flag, "tg_tok_s": tg})
+
+
+def _untrusted(err: BaseException) -> bool:
+    """Whether a connection failed because the agent's certificate did not verify."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(err)
 
 
 def _reason(err: Exception) -> str:

@@ -3,6 +3,7 @@
     fleet-tui                                  # inventory/lab.yml of the current project
     fleet-tui --inventory inventory/example.yml --token-file ~/.config/pidistill/agent-token
     fleet-tui --token-dir secrets/agents       # one token file per host: secrets/agents/<host>
+    fleet-tui --ca-file secrets/fleet-ca.pem   # the CA of the agents' certificates
     fleet-tui --replay runs/tui/20260101T120000Z/events.jsonl   # open a saved run
 
 Screens (F2-F5): fleet, run, pipeline, bench; F1 help, ctrl+q quit. Layout lives in app.tcss.
@@ -136,6 +137,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--token-dir", type=Path, help="a directory of per-host token files named after the host"
     )
     parser.add_argument(
+        "--ca-file",
+        type=Path,
+        help="the CA the agents' https certificates are verified against (default the fleet's CA "
+        "in .cache/fleet/ca/ca.pem when it is there, else the system's CAs)",
+    )
+    parser.add_argument(
         "--report", type=Path, help="the fleet benchmark CSV (default results/fleet-report.csv)"
     )
     parser.add_argument(
@@ -161,6 +168,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         project_dir=project,
         inventory=tuple(p for p in (under(p) for p in args.inventory) if p is not None),
         tokens=Tokens(token_file=under(args.token_file), token_dir=under(args.token_dir)),
+        ca_file=under(args.ca_file),
         report=under(args.report),
         refresh_s=args.refresh,
         poll_agents=not args.no_poll,

@@ -2,13 +2,14 @@
 
     fleet = load_inventory([Path("inventory/lab.yml")])
     fleet.groups["pi5"]          # ["pi-a", "pi-b"]
-    fleet.hosts["pi-a"].agent_url  # "http://10.0.0.11:8470"
+    fleet.hosts["pi-a"].agent_url  # "https://10.0.0.11:8470"
 
 ansible's own parser runs in a subprocess (with every unparsed source an error) so that its
 warnings never write over the terminal the TUI draws on, and a broken file becomes one
 ``InventoryError`` whose message the UI shows. A host's agent is at its ``pi_agent_url`` when
-the inventory sets one, else ``http://<ansible_host or name>:<pi_agent_port>``, the port
-defaulting to the agent's own (``pi_agent/defaults.toml``).
+the inventory sets one, else ``https://<ansible_host or name>:<pi_agent_port>`` (``http`` where
+the inventory opts out of TLS with ``pi_agent_tls: false``), the port defaulting to the agent's
+own (``pi_agent/defaults.toml``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Host:
             return str(url).rstrip("/")
         address = self.vars.get("ansible_host") or self.name
         port = self.vars.get("pi_agent_port") or agent_port()
-        return f"http://{address}:{port}"
+        plain = str(self.vars.get("pi_agent_tls", True)).lower() in ("false", "no", "0", "off")
+        return f"{'http' if plain else 'https'}://{address}:{port}"
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ class Settings:
     project_dir: Path = field(default_factory=Path.cwd)
     inventory: tuple[Path, ...] = ()
     tokens: Tokens = field(default_factory=Tokens)
+    ca_file: Path | None = None
     report: Path | None = None
     refresh_s: float = 10.0
     poll_agents: bool = True
@@ -37,6 +39,16 @@ class Settings:
             return str(path.relative_to(self.project_dir))
         except ValueError:
             return str(path)
+
+    def agent_ca(self) -> Path | None:
+        """The CA the agents' certificates are verified against: ``ca_file``, else the fleet's
+        CA where the pi_agent role makes it (``$PIDISTILL_CACHE_DIR`` or the project's
+        ``.cache``, ``fleet/ca/ca.pem``) when it is there, else none (the system's CAs)."""
+        if self.ca_file is not None:
+            return self.ca_file
+        cache = os.environ.get("PIDISTILL_CACHE_DIR") or self.project_dir / ".cache"
+        fleet_ca = Path(cache) / "fleet" / "ca" / "ca.pem"
+        return fleet_ca if fleet_ca.is_file() else None
 
     def default_inventory(self) -> tuple[Path, ...]:
         """The inventory to read: the one given, else ``inventory/lab.yml`` when it exists."""

@@ -1,9 +1,11 @@
-"""The agent client against real HTTP servers on 127.0.0.1: a stand-in and the real pi-agent."""
+"""The agent client against real HTTP servers on 127.0.0.1: a stand-in and the real pi-agent,
+over plain HTTP and over HTTPS with a throwaway fleet CA (``pki`` in conftest.py)."""
 
 from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,72 @@ def test_against_the_real_pi_agent(tmp_path: Path) -> None:
     assert got.host and got.board  # the VM's hostname; "unknown" board off a Pi
     assert got.ready is False  # no llama-server enabled
     assert set(got.raw) >= {"host", "board", "temperature_c", "throttled", "zram", "model"}
+
+
+@pytest.fixture(scope="module")
+def tls_agent(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Path]) -> Iterator:
+    """The real pi-agent serving HTTPS with a certificate of the throwaway fleet CA."""
+    import ssl
+
+    from pi_agent.testing import AgentProcess
+
+    config = {
+        "decoder": {"enabled": False},
+        "agent": {"tls_cert": pki["cert"], "tls_key": pki["key"]},
+    }
+    context = ssl.create_default_context(cafile=pki["ca"])
+    with AgentProcess(tmp_path_factory.mktemp("tls-agent"), config, ssl_context=context) as agent:
+        yield agent
+
+
+def test_an_https_agent_is_read_through_the_fleet_ca(tls_agent, pki: dict[str, Path]) -> None:
+    assert tls_agent.url.startswith("https://127.0.0.1:")
+    got = AgentClient(tls_agent.url, tls_agent.token, ca_file=pki["ca"]).fetch()
+    assert got.host and got.ready is False
+    assert AgentClient(tls_agent.url, ca_file=pki["ca"]).healthy()
+
+
+@pytest.mark.parametrize(
+    "trust",
+    ["system", "other_ca"],
+    ids=["the system's CAs alone do not trust the agent", "a foreign CA does not either"],
+)
+def test_an_agent_whose_certificate_does_not_verify_is_refused(
+    tls_agent, pki: dict[str, Path], trust: str
+) -> None:
+    ca_file = None if trust == "system" else pki[trust]
+    client = AgentClient(tls_agent.url, tls_agent.token, ca_file=ca_file)
+    with pytest.raises(AgentError, match="certificate not trusted") as err:
+        client.fetch()
+    assert "CERTIFICATE_VERIFY_FAILED" in str(err.value)
+    with pytest.raises(AgentError, match="certificate not trusted"):
+        client.healthy()
+
+
+def test_an_address_the_certificate_does_not_cover_is_refused(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """The certificate names 127.0.0.1 and localhost: an agent of the same CA answering at
+    127.0.0.2 is not the one it names."""
+    from pi_agent.testing import AgentProcess
+
+    config = {
+        "decoder": {"enabled": False},
+        "agent": {"listen": "127.0.0.2", "tls_cert": pki["cert"], "tls_key": pki["key"]},
+    }
+    with AgentProcess(tmp_path, config) as agent:
+        url = f"https://127.0.0.2:{agent.port}"
+        with pytest.raises(AgentError, match="certificate not trusted") as err:
+            AgentClient(url, agent.token, ca_file=pki["ca"]).fetch()
+    assert "127.0.0.2" in str(err.value)
+
+
+def test_a_ca_file_that_does_not_read_is_one_line(tls_agent, tmp_path: Path) -> None:
+    with pytest.raises(AgentError, match=r"CA file .*missing\.pem"):
+        AgentClient(tls_agent.url, tls_agent.token, ca_file=tmp_path / "missing.pem").fetch()
+
+
+def test_plain_http_to_the_https_agent_gets_no_status(tls_agent) -> None:
+    url = tls_agent.url.replace("https://", "http://")
+    with pytest.raises(AgentError):
+        AgentClient(url, tls_agent.token, timeout=5).fetch()

@@ -14,7 +14,7 @@ def test_groups_and_hosts_come_from_ansible(fixtures: Path) -> None:
     assert fleet.groups == {"pi5": ["pi-a", "pi-b"], "pi4": ["pi-c"]}
     assert list(fleet.hosts) == ["pi-a", "pi-b", "pi-c"]
     assert fleet.hosts["pi-c"].groups == ("pi4",)
-    assert fleet.hosts["pi-a"].agent_url == "http://127.0.0.1:1"
+    assert fleet.hosts["pi-a"].agent_url == "https://127.0.0.1:1"
 
 
 def test_agent_url_defaults_and_overrides(tmp_path: Path) -> None:
@@ -23,14 +23,17 @@ def test_agent_url_defaults_and_overrides(tmp_path: Path) -> None:
         "all:\n  children:\n    pis:\n      children:\n        pi5:\n          hosts:\n"
         "            plain:\n            addressed: {ansible_host: 10.0.0.7}\n"
         "            explicit: {pi_agent_url: 'https://pi.example:9000/'}\n"
+        "            cleartext: {ansible_host: 10.0.0.8, pi_agent_tls: false}\n"
         "  hosts:\n    loose:\n"
     )
     fleet = load_inventory([inventory])
-    assert fleet.groups["pis"] == ["plain", "addressed", "explicit"]  # children flattened
+    assert fleet.groups["pis"] == ["plain", "addressed", "explicit", "cleartext"]  # flattened
     assert fleet.groups["ungrouped"] == ["loose"]
-    assert fleet.hosts["plain"].agent_url == "http://plain:8470"
-    assert fleet.hosts["addressed"].agent_url == "http://10.0.0.7:8470"
+    assert fleet.hosts["plain"].agent_url == "https://plain:8470"
+    assert fleet.hosts["addressed"].agent_url == "https://10.0.0.7:8470"
     assert fleet.hosts["explicit"].agent_url == "https://pi.example:9000"
+    # the plain-HTTP opt-out of the pi_agent role
+    assert fleet.hosts["cleartext"].agent_url == "http://10.0.0.8:8470"
 
 
 def test_a_broken_file_is_one_error_that_names_it(broken: Path) -> None:

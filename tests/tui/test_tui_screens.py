@@ -361,13 +361,29 @@ async def test_help_lists_every_screen_and_closes(project: Path, until: Until) -
 
 def test_command_line_options(tmp_path: Path) -> None:
     args = parse_args(
-        ["-i", "a.yml", "-i", "b.yml", "--project-dir", str(tmp_path), "--token-dir", "tok"]
-    )
+        ["-i", "a.yml", "-i", "b.yml", "--project-dir", str(tmp_path), "--token-dir", "tok",
+         "--ca-file", "ca.pem"]
+    )  # fmt: skip
     conf = settings_from(args)
     assert conf.inventory == (Path.cwd() / "a.yml", Path.cwd() / "b.yml")
     assert conf.project_dir == tmp_path.resolve()
     assert conf.tokens.token_dir == Path.cwd() / "tok"
+    assert conf.agent_ca() == Path.cwd() / "ca.pem"
     assert conf.report_path == tmp_path.resolve() / "results" / "fleet-report.csv"
+
+
+def test_the_fleet_ca_is_found_in_the_cache_when_no_ca_file_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PIDISTILL_CACHE_DIR", raising=False)
+    conf = Settings(project_dir=tmp_path)
+    assert conf.agent_ca() is None  # no fleet CA yet: the system's CAs
+    ca = tmp_path / ".cache" / "fleet" / "ca" / "ca.pem"
+    ca.parent.mkdir(parents=True)
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert conf.agent_ca() == ca
+    monkeypatch.setenv("PIDISTILL_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert conf.agent_ca() is None  # the cache the roles use, not the project's
 
 
 def test_main_refuses_a_missing_project_dir(

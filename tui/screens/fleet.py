@@ -180,11 +180,12 @@ class FleetScreen(Screen[None]):
     @work(thread=True, exclusive=True, group="poll")
     def _poll(self, fleet: Fleet) -> None:
         tokens = self.fleet_app.settings.tokens
+        ca_file = self.fleet_app.settings.agent_ca()
 
         def ask(name: str) -> HostUpdate:
             try:
                 token = tokens.for_host(name)
-                status = AgentClient(fleet.hosts[name].agent_url, token).fetch()
+                status = AgentClient(fleet.hosts[name].agent_url, token, ca_file=ca_file).fetch()
             except AgentError as err:
                 return HostUpdate(name, None, str(err))
             return HostUpdate(name, status)
