@@ -32,3 +32,14 @@ def test_every_row_carries_register_dialect_and_provenance(sample_files) -> None
     assert set(registers) == {"familier", "neutre", "soutenu"}
     assert Counter(r.metadata["dialect"] for r in rows).most_common(1)[0][0] == "québécois"
     assert all(r.metadata["provenance"]["license"] == "CC0-1.0" for r in rows)
+
+
+def test_the_conversation_file_holds_short_multi_turn_dialogues(sample_files) -> None:
+    distill, conversation = (read_records(path) for path in sample_files)
+    talks = [r for r in conversation if r.history]
+    assert len(talks) >= 24
+    assert {r.turns for r in talks} >= {2, 3}
+    assert any(r.requires_json for r in talks) and any(r.split == "heldout" for r in talks)
+    # Short turns keep make demo's labelling time; the instructions file stays single-turn.
+    assert max(len(t["content"].split()) for r in talks for t in r.history) <= 20
+    assert not any(r.history for r in distill)
