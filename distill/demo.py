@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -80,7 +81,7 @@ def run_stage(stage: str, **values: Any) -> dict[str, Any]:
     """Run one ``distill`` stage as a subprocess; return the JSON summary it prints."""
     command = ops.build(stage, program=str(Path(sys.executable).with_name("distill")), **values)
     log.info("$ %s", command.shell())
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _children_cpu()
     result = subprocess.run(
         command.argv,
         env={**os.environ, **command.env},
@@ -93,7 +94,29 @@ def run_stage(stage: str, **values: Any) -> dict[str, Any]:
         raise SystemExit(f"demo: stage {stage} failed (exit {result.returncode}); see above")
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    # CPU seconds tell the stage's cost apart from what else the machine was doing.
+    summary["cpu_seconds"] = round(_children_cpu() - cpu, 1)
+    TIMES.append((stage, summary["wall_seconds"], summary["cpu_seconds"]))
     return summary
+
+
+TIMES: list[tuple[str, float, float]] = []  # (stage, wall, CPU seconds) of each run_stage
+
+
+def _children_cpu() -> float:
+    """User + system seconds of every finished child process so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_table(times: list[tuple[str, float, float]]) -> str:
+    """Where the demo's time went: wall and CPU minutes per stage, and the total."""
+    lines = ["| stage | wall min | CPU min |", "| --- | ---: | ---: |"]
+    for stage, wall, cpu in times:
+        lines.append(f"| {stage} | {wall / 60:.1f} | {cpu / 60:.1f} |")
+    wall, cpu = sum(t[1] for t in times), sum(t[2] for t in times)
+    lines.append(f"| all stages | {wall / 60:.1f} | {cpu / 60:.1f} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -154,14 +177,17 @@ def main() -> int:
         overwrite=True,
     )
     report.append(f"export: {_short(export)} -> {dist}")
-    run_stage("eval", run_dir=train_dir, gguf_dir=dist)
+    # The student's answers are compared with the teacher's, which stop at the same cap.
+    run_stage("eval", run_dir=train_dir, gguf_dir=dist, max_new_tokens=settings.demo_max_new_tokens)
     report.append(f"eval: -> {train_dir / 'eval.json'} (and the model card's table)")
     if settings.demo_fleet_size > 0:
+        started, cpu = time.perf_counter(), _children_cpu()
         report += _fleet(settings.demo_fleet_size, dist)
+        TIMES.append(("fleet", time.perf_counter() - started, _children_cpu() - cpu))
 
     lines = ["", "pidistill demo: done", ""]
     lines += [f"  {line}" for line in report]
-    lines += ["", _eval_table(train_dir / "eval.json")]
+    lines += ["", _eval_table(train_dir / "eval.json"), "", time_table(TIMES)]
     print("\n".join(lines))  # noqa: T201 - the demo's closing report
     return 0
 
