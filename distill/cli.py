@@ -2,6 +2,7 @@
 
     distill label --input dataset/quebecois_distill.jsonl --output runs/demo/labelled.jsonl
     distill card --input runs/demo/labelled.jsonl --output runs/demo/DATASET_CARD.md
+    distill import --input chats.jsonl --output prompts.jsonl
     distill llamacpp build
 
 Bad input ends with one line ``path:line: field: problem`` and exit code 2; a stage that fails
@@ -21,6 +22,20 @@ from distill import argspec, ops
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+# The stages ops builds command lines for, and the commands only the CLI offers.
+STAGES: dict[str, tuple[str, str]] = {
+    **ops.STAGES,
+    "import": ("distill.importers", "ImportArgs"),
+}
+
+
+def _args_class(stage: str) -> type:
+    if stage in ops.STAGES:
+        return ops.args_class(stage)
+    import importlib
+
+    module_name, class_name = STAGES[stage]
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,13 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in ops.STAGES:
+    for stage in STAGES:
         try:
-            cls = ops.args_class(stage)
+            cls = _args_class(stage)
         except ops.OpError:
             continue  # a stage whose module is not there yet
         # The stage's module (a package's __init__ for a stage split into steps) holds its doc.
-        text = sys.modules[ops.STAGES[stage][0]].__doc__ or ""
+        text = sys.modules[STAGES[stage][0]].__doc__ or ""
         doc = text.strip().splitlines()
         stage_parser = sub.add_parser(
             stage,
@@ -73,9 +88,9 @@ def _run(namespace: argparse.Namespace) -> dict:
         return {"path": str(path), **source}
     import importlib
 
-    cls = ops.args_class(namespace.stage)
+    cls = _args_class(namespace.stage)
     args = argspec.parse_into(cls, namespace)
-    module = importlib.import_module(ops.STAGES[namespace.stage][0])
+    module = importlib.import_module(STAGES[namespace.stage][0])
     return module.run(args)
 
 
