@@ -3,18 +3,28 @@
     distill card --input dataset/quebecois_distill.jsonl dataset/quebecois_conversation.jsonl \\
         --output runs/demo/DATASET_CARD.md
     distill card --input runs/demo/labelled.jsonl --output runs/demo/LABELLED_CARD.md
+    distill card --input runs/demo/labelled/*.jsonl --output runs/demo/LABELLED_CARD.md \
+        --dataset-dir runs/demo/hf-dataset     # + parquet shards and a README: a HF dataset
 
 Writes a Markdown card with Hugging Face dataset-card front matter and, beside it, the same
 statistics as JSON (``CARD.json``): counts per file and split, register and dialect
 distributions, length statistics of prompts and answers, and the provenance aggregated (sources,
 licenses, and for labelled rows the teacher models, revisions, backends and tool versions).
-The rows are read with the same validation as every other stage.
+The rows are read with the same validation as every other stage. The front matter is built
+with huggingface_hub's ``DatasetCardData``, so any ``--name`` gives valid YAML.
+
+``--dataset-dir`` also writes the rows as a Hugging Face dataset folder: ``data/<split>-NNNNN-
+of-NNNNN.parquet`` shards (one ``messages`` column ready for chat fine-tuning, the row's fields
+beside it, ``json_schema`` and ``metadata`` as JSON text) and a ``README.md`` whose ``configs``
+name the splits, so ``datasets.load_dataset(folder)`` reads it back as it is.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +44,10 @@ class CardArgs:
     name: str = arg("pidistill-quebecois", help="dataset name in the card's front matter")
     license: str = arg("cc0-1.0", help="license id in the card's front matter")
     language: str = arg("fr", help="language code in the card's front matter")
+    dataset_dir: Path | None = arg(
+        None,
+        help="also write the rows as a Hugging Face dataset folder (parquet shards + README.md)",
+    )
 
     def __post_init__(self) -> None:
         self.input = [Path(p) for p in self.input]
@@ -44,6 +58,8 @@ class CardArgs:
             raise ValueError(f"--output must be a Markdown file (.md), got {self.output}")
         if any(self.output.resolve() == p.resolve() for p in self.input):
             raise ValueError("--output must not be one of the inputs")
+        if self.dataset_dir is not None:
+            self.dataset_dir = Path(self.dataset_dir)
 
 
 def _lengths(texts: Sequence[str]) -> dict[str, float]:
@@ -185,26 +201,30 @@ def _conversation_section(stats: dict[str, Any]) -> list[str]:
     ]
 
 
-def render_card(stats: dict[str, Any], args: CardArgs) -> str:
-    """The Markdown card: HF dataset-card front matter, then the tables."""
+def front_matter(
+    stats: dict[str, Any], args: CardArgs, configs: list[dict[str, Any]] | None = None
+) -> str:
+    """The card's YAML header, built by ``DatasetCardData`` (quoting is its job, not ours)."""
+    from huggingface_hub import DatasetCardData
+
     size = "n<1K" if stats["rows"] < 1000 else "1K<n<10K" if stats["rows"] < 10000 else "10K<n"
-    front = "\n".join(
-        [
-            "---",
-            f"pretty_name: {args.name}",
-            f"license: {args.license}",
-            "language:",
-            f"  - {args.language}",
-            "task_categories:",
-            "  - text-generation",
-            "size_categories:",
-            f"  - {size}",
-            "tags:",
-            "  - distillation",
-            "  - pidistill",
-            "---",
-        ]
+    data = DatasetCardData(
+        pretty_name=args.name,
+        license=args.license,
+        language=[args.language],
+        task_categories=["text-generation"],
+        size_categories=[size],
+        tags=["distillation", "pidistill"],
+        **({"configs": configs} if configs else {}),
     )
+    return "---\n" + data.to_yaml() + "\n---"
+
+
+def render_card(
+    stats: dict[str, Any], args: CardArgs, configs: list[dict[str, Any]] | None = None
+) -> str:
+    """The Markdown card: HF dataset-card front matter, then the tables."""
+    front = front_matter(stats, args, configs)
     length_rows = [
         "| field | rows | min | median | mean | p95 | max (words) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -262,6 +282,100 @@ def render_card(stats: dict[str, Any], args: CardArgs) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+SHARD_ROWS = 10_000  # rows per parquet shard of a dataset folder
+MARKER = "pidistill_card.json"  # a dataset folder written by distill card (safe to replace)
+
+
+def dataset_row(record: Record) -> dict[str, Any]:
+    """One row of the dataset folder: the chat as ``messages``, the row's fields beside it."""
+    from distill.records import build_messages
+
+    messages = build_messages(record)
+    if record.assistant is not None:
+        messages.append({"role": "assistant", "content": record.assistant})
+    return {
+        "id": record.id,
+        "messages": messages,
+        "system_hint": record.system_hint,
+        "history": [dict(turn) for turn in record.history],
+        "user": record.user,
+        "requires_json": record.requires_json,
+        "json_schema": None
+        if record.json_schema is None
+        else json.dumps(record.json_schema, ensure_ascii=False, sort_keys=True),
+        "assistant": record.assistant,
+        "reference": record.reference,
+        "register": record.meta("register"),
+        "dialect": record.meta("dialect"),
+        "metadata": json.dumps(record.metadata, ensure_ascii=False, sort_keys=True),
+    }
+
+
+def _features() -> Any:
+    from datasets import Features, Value
+
+    turn = [{"role": Value("string"), "content": Value("string")}]
+    return Features(
+        {
+            "id": Value("string"),
+            "messages": turn,
+            "system_hint": Value("string"),
+            "history": turn,
+            "user": Value("string"),
+            "requires_json": Value("bool"),
+            "json_schema": Value("string"),
+            "assistant": Value("string"),
+            "reference": Value("string"),
+            "register": Value("string"),
+            "dialect": Value("string"),
+            "metadata": Value("string"),
+        }
+    )
+
+
+def write_dataset(
+    records: list[Record], stats: dict[str, Any], args: CardArgs, folder: Path
+) -> dict[str, Any]:
+    """The rows as a Hugging Face dataset folder; return its splits and files.
+
+    Written in a temporary sibling and moved in place: a folder a previous ``distill card``
+    wrote is replaced, any other existing folder is refused.
+    """
+    from datasets import Dataset
+
+    if folder.exists() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        raise ValueError(f"{folder}: exists and was not written by distill card; pick another")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        files: dict[str, list[str]] = {}
+        for split in ("train", "heldout"):
+            rows = [dataset_row(r) for r in records if r.split == split]
+            if not rows:
+                continue
+            shards = -(-len(rows) // SHARD_ROWS)
+            for index in range(shards):
+                name = f"data/{split}-{index:05d}-of-{shards:05d}.parquet"
+                (tmp / "data").mkdir(exist_ok=True)
+                part = rows[index * SHARD_ROWS : (index + 1) * SHARD_ROWS]
+                Dataset.from_list(part, features=_features()).to_parquet(str(tmp / name))
+                files.setdefault(split, []).append(name)
+        configs = [
+            {
+                "config_name": "default",
+                "data_files": [{"split": s, "path": f"data/{s}-*"} for s in files],
+            }
+        ]
+        (tmp / "README.md").write_text(render_card(stats, args, configs), encoding="utf-8")
+        (tmp / MARKER).write_text(json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"dir": str(folder), "splits": {s: len(f) for s, f in files.items()}}
+
+
 def run(args: CardArgs) -> dict[str, Any]:
     """The ``distill card`` stage: validate every row, then write the card and its JSON."""
     records = read_many(args.input)
@@ -269,4 +383,11 @@ def run(args: CardArgs) -> dict[str, Any]:
     json_path = args.output.with_suffix(".json")
     atomic_write_json(json_path, stats)
     atomic_write_text(args.output, render_card(stats, args))
-    return {"rows": stats["rows"], "card": str(args.output), "json": str(json_path)}
+    summary: dict[str, Any] = {
+        "rows": stats["rows"],
+        "card": str(args.output),
+        "json": str(json_path),
+    }
+    if args.dataset_dir is not None:
+        summary["dataset"] = write_dataset(records, stats, args, args.dataset_dir)
+    return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from distill import card
@@ -143,3 +144,69 @@ def test_the_card_shows_conversations_and_their_turns(tmp_path: Path) -> None:
     assert "## Conversations" in text
     assert "2 rows carry earlier turns (1 of them labelled)" in text
     assert "| 3 | 1 | 33.3% |" in text
+
+
+def front_of(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("\n---", 1)[0].removeprefix("---\n"))
+
+
+def test_any_name_gives_a_parseable_yaml_header(tmp_path: Path) -> None:
+    source = tmp_path / "mine.jsonl"
+    source.write_text('{"user": "Allo!"}\n', encoding="utf-8")
+    output = tmp_path / "CARD.md"
+    name = "pidistill: québécois #1 - {x: [y]}"
+    card.run(CardArgs(input=[source], output=output, name=name, license="cc-by-4.0"))
+    front = front_of(output.read_text(encoding="utf-8"))
+    assert front["pretty_name"] == name
+    assert front["license"] == "cc-by-4.0" and front["size_categories"] == ["n<1K"]
+
+
+def test_the_dataset_folder_loads_back_with_datasets(tmp_path: Path) -> None:
+    import datasets
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    history = [
+        {"role": "user", "content": "Allo!"},
+        {"role": "assistant", "content": "Salut, ça va?"},
+    ]
+    rows = [
+        {"id": "a", "system_hint": "Sois bref.", "user": "Une question.", "assistant": "Oui."},
+        {"id": "b", "history": history, "user": "Pis toi?", "assistant": "Ben correct."},
+        {"id": "c", "user": "JSON?", "requires_json": True, "json_schema": schema,
+         "assistant": '{"ok": true}', "split": "heldout", "reference": "{}",
+         "metadata": {"register": "neutre"}},
+    ]  # fmt: skip
+    source = tmp_path / "labelled.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    folder = tmp_path / "hf"
+    args = CardArgs(input=[source], output=tmp_path / "CARD.md", dataset_dir=folder)
+    summary = card.run(args)
+    assert summary["dataset"]["splits"] == {"train": 1, "heldout": 1}
+    assert sorted(p.name for p in (folder / "data").iterdir()) == [
+        "heldout-00000-of-00001.parquet",
+        "train-00000-of-00001.parquet",
+    ]
+    loaded = datasets.load_dataset(str(folder))
+    assert set(loaded) == {"train", "heldout"}
+    assert loaded["train"]["id"] == ["a", "b"] and loaded["heldout"]["id"] == ["c"]
+    talk = loaded["train"][1]
+    assert talk["messages"] == [*history, {"role": "user", "content": "Pis toi?"},
+                                {"role": "assistant", "content": "Ben correct."}]  # fmt: skip
+    assert loaded["train"][0]["messages"][0] == {"role": "system", "content": "Sois bref."}
+    held = loaded["heldout"][0]
+    assert json.loads(held["json_schema"]) == schema and held["reference"] == "{}"
+    assert (held["register"], held["dialect"]) == ("neutre", "unspecified")
+    front = front_of((folder / "README.md").read_text(encoding="utf-8"))
+    assert front["configs"][0]["data_files"] == [
+        {"split": "train", "path": "data/train-*"},
+        {"split": "heldout", "path": "data/heldout-*"},
+    ]
+    # A second run replaces its own folder; a folder it did not write is left alone.
+    card.run(args)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="not written by distill card"):
+        card.run(CardArgs(input=[source], output=tmp_path / "C2.md", dataset_dir=other))
+    assert (other / "keep.txt").exists()
