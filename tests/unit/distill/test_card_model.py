@@ -105,3 +105,50 @@ def test_the_demo_summary_prints_the_same_numbers(tmp_path: Path) -> None:
     assert "| schema-valid JSON, constrained |  | 0.5 | 0.6667 |" in table
     assert "| Q8_0 | 138.1 | 0.0123 | 91.5 | 1.011 | 0.0072 / 93.2 | not met |" in table
     assert "| Q4_K_M | 100.2 | 0.21 | 70.25 | 1.3 | 0.25 / 68.0 | met |" in table
+
+
+def header(card: str):
+    from huggingface_hub import ModelCard
+
+    return ModelCard(card).data
+
+
+def test_the_embedded_teacher_is_named_by_its_hub_id_with_license_and_eval_results() -> None:
+    record = {
+        "config": {"method": "dora"},
+        "base": {"base": {"name": "embedded:smollm2-135m-instruct", "revision": "gguf-sha256:x"}},
+        "data": [{"path": "l.jsonl", "sha256": "0" * 64, "rows": 3, "train": 2, "heldout": 1,
+                  "conversations": 1}],
+    }  # fmt: skip
+    card = render_card(record, evaluation())
+    data = header(card)
+    assert data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert data.license == "apache-2.0" and "dora" in data.tags
+    results = {r.metric_name: r.metric_value for r in data.eval_results}
+    assert results["perplexity of the teacher's answers"] == 23.0
+    assert results["mean KL(teacher || student), nats/token"] == 0.83
+    assert results["Q8_0 GGUF mean KLD vs the unquantized GGUF"] == 0.0123
+    assert {r.dataset_split for r in data.eval_results} == {"heldout"}
+    assert "| l.jsonl | `0000000000000000…` | 3 | 2 | 1 | 1 |" in card
+    # Before eval: no results, still a valid header.
+    assert header(render_card(record)).eval_results is None
+
+
+def test_a_hub_base_keeps_its_id_and_the_license_of_its_cached_card(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # A real hub cache layout (what snapshot_download leaves), made by hand: no hub here.
+    repo = tmp_path / "hub" / "models--org--tiny-chat"
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    (snapshot / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    source = {"name": "org/tiny-chat", "revision": "main", "source": "hub"}
+    data = header(render_card({"base": {"base": source}}))
+    assert (data.base_model, data.license) == ("org/tiny-chat", "mit")
+    # A local directory that does not say where it came from has no hub id.
+    local = {"name": str(tmp_path), "revision": None, "source": "local"}
+    data = header(render_card({"base": {"base": local}}))
+    assert data.base_model is None and data.license == "unknown"
