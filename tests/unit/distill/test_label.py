@@ -341,3 +341,8 @@ def test_user_only_and_conversation_rows_are_labelled_on_the_last_user_turn(
         )
     expected = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert talk.assistant == expected.strip()
+    # Derived ids are the same on the next run: a resume skips both rows.
+    again = label_stage.label(
+        LabelArgs(input=source, output=args.output, teacher=str(tiny_model), skip_existing=True)
+    )
+    assert (again.skipped, again.labelled) == (2, 0)
