@@ -135,7 +135,7 @@ def test_a_malformed_row_names_file_line_and_field(tmp_path: Path, tiny_model: P
 
     data = labelled(tmp_path / "l.jsonl", n=3)
     data.write_text(data.read_text() + '{"id": "x"}\n')
-    with pytest.raises(RecordError, match=r"l.jsonl:4: system_hint: missing"):
+    with pytest.raises(RecordError, match=r"l.jsonl:4: user: missing required field"):
         train_stage.run(args(data, tmp_path / "out", tiny_model))
 
 
