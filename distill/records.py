@@ -222,10 +222,40 @@ def _error_order(error: Any) -> tuple[int, int, str]:
     return rank, len(path), str(path)
 
 
+@functools.cache
+def _fast_validator() -> Any:
+    """jsonschema-rs's compiled validator of the row schema, when installed (else None).
+
+    It says valid or not in about 10 µs a row where the Python validator takes hundreds; the
+    Python one still words every error, so messages do not depend on it.
+    """
+    try:
+        import jsonschema_rs
+    except ImportError:
+        return None
+    return jsonschema_rs.validator_for(row_schema())
+
+
 def schema_errors(row: Any) -> list[tuple[str, str]]:
     """Every ``(field, problem)`` of a decoded row against the row schema, first field first."""
+    fast = _fast_validator()
+    if fast is not None and fast.is_valid(row):
+        return []
     errors = sorted(_validator().iter_errors(row), key=_error_order)
     return [_schema_problem(e) for e in errors]
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_schema_problem(text: str) -> str | None:
+    """Why a row's ``json_schema`` (as canonical JSON) is not a valid schema; rows share them."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(json.loads(text))
+    except SchemaError as err:
+        return f"invalid JSON Schema: {err.message}"
+    return None
 
 
 def derive_id(row: Mapping[str, Any]) -> str:
@@ -253,8 +283,6 @@ def record_from_dict(
     require_answer: bool = False,
 ) -> Record:
     """Validate one decoded row; return a :class:`Record` (defaults filled) or raise."""
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
 
     def fail(name: str, problem: str) -> RecordError:
         return RecordError(path, line, name, problem)
@@ -277,10 +305,9 @@ def record_from_dict(
         )
     schema = row.get("json_schema")
     if schema is not None:
-        try:
-            Draft202012Validator.check_schema(schema)
-        except SchemaError as err:
-            raise fail("json_schema", f"invalid JSON Schema: {err.message}") from None
+        problem = _json_schema_problem(json.dumps(schema, sort_keys=True))
+        if problem:
+            raise fail("json_schema", problem)
     assistant = row.get("assistant")
     if require_answer and not (assistant or "").strip():
         raise fail("assistant", "missing answer (label this row first)")

@@ -186,6 +186,25 @@ def test_the_row_schema_file_is_a_valid_schema_that_names_every_field() -> None:
     assert not validator.is_valid({"user": "a", "requires_json": True})
 
 
+def test_the_fast_validator_agrees_with_the_python_one() -> None:
+    from jsonschema import Draft202012Validator
+
+    fast = records._fast_validator()
+    if fast is None:
+        pytest.skip("jsonschema-rs is not installed (the Python validator does it all)")
+    python = Draft202012Validator(records.row_schema())
+    rows = [json.loads(row()), {"user": "x"}, {"user": "x", "history": CONVERSATION}]
+    for case in BAD_CASES.values():
+        for line in case.lines:
+            try:
+                rows.append(json.loads(line))
+            except (ValueError, UnicodeDecodeError):
+                continue
+    assert len(rows) > 15
+    for value in rows:
+        assert fast.is_valid(value) == python.is_valid(value), value
+
+
 def test_duplicate_ids_across_files_name_the_first_place(tmp_path: Path) -> None:
     first = write_lines(tmp_path / "a.jsonl", [row()])
     second = write_lines(tmp_path / "b.jsonl", [row(id="r2"), row()])
