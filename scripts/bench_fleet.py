@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -126,8 +127,10 @@ def agent(host: str, method: str, path: str) -> int:
     token = (CACHE / "fleet" / "tokens" / host).read_text().strip()
     request = urllib.request.Request(agents()[host] + path, method=method,
                                      headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    # The agents serve HTTPS with certificates of the fleet's CA (the pi_agent role made it).
+    tls = ssl.create_default_context(cafile=CACHE / "fleet" / "ca" / "ca.pem")
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=60, context=tls) as response:
             return response.status
     except urllib.error.HTTPError as err:
         return err.code

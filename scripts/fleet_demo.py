@@ -6,7 +6,8 @@
 
 Needs the export folder (``distill export`` wrote it) and the llama.cpp build (``make llamacpp``):
 the stand-ins share the workstation's architecture, so its build seeds them. Prints where the
-fleet report, the agents and their tokens are. Exit status: ansible-playbook's.
+fleet report, the agents (HTTPS), their tokens and the fleet's CA are. Exit status:
+ansible-playbook's.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         cwd=ROOT, env=env, check=False,
     )  # fmt: skip
     tokens = Path(env["PIDISTILL_CACHE_DIR"]) / "fleet" / "tokens"
+    ca = Path(env["PIDISTILL_CACHE_DIR"]) / "fleet" / "ca" / "ca.pem"
     lines = [
         "",
         f"fleet: site.yml exit {play.returncode} on {args.hosts} stand-in Pi(s), model {model_dir}",
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{results / 'fleet-report.png'}",
         f"  results per host: {results}/<host>/<timestamp>.csv",
         f"  tokens: {tokens}/<host>  (fleet-tui --inventory {inventory} --token-dir {tokens})",
+        f"  the agents' CA: {ca}  (fleet-tui finds it; curl --cacert {ca} <agent>/healthz)",
     ]
     lines += [f"  agent {host}: {url}" for host, url in _agents(inventory).items()]
     sys.stdout.write("\n".join(lines) + "\n")

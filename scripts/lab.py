@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import ipaddress
 import json
 import os
 import shutil
@@ -231,8 +232,9 @@ def address(container: str) -> str:
 
 
 def agent_url(container: str) -> str:
-    """``http://<address>:8470``: where the workstation (and the other stand-ins) reach pi-agent."""
-    return f"http://{address(container)}:{AGENT_PORT}"
+    """``https://<address>:8470``: where the workstation (and the other stand-ins) reach pi-agent
+    (its certificate, from the fleet's CA, covers the address)."""
+    return f"https://{address(container)}:{AGENT_PORT}"
 
 
 def ssh_args(key: Path, host: str) -> list[str]:
@@ -324,8 +326,17 @@ def wait_ssh(key: Path, container: str, timeout: float = 120.0) -> None:
         time.sleep(1)
 
 
+def fixed_address(index: int) -> str:
+    """Stand-in ``index``'s address on the lab network (the 10th + index of its subnet): the same
+    across restarts and re-creations, so that its agent's certificate keeps matching it."""
+    subnets = podman("network", "inspect", "--format", "{{range .Subnets}}{{.Subnet}} {{end}}",
+                     NETWORK).split()  # fmt: skip
+    net = next(ipaddress.ip_network(s) for s in subnets if ipaddress.ip_network(s).version == 4)
+    return str(net.network_address + 10 + index)
+
+
 def start(index: int, key: Path) -> str:
-    """Boot stand-in number ``index`` and give ``pi`` the lab's public key."""
+    """Boot stand-in number ``index`` (at its fixed address) and give ``pi`` the lab's key."""
     name = f"{PREFIX}{index}"
     podman(
         "run", "--detach",
@@ -333,6 +344,7 @@ def start(index: int, key: Path) -> str:
         "--hostname", host_name(name),
         "--label", f"{HOST_LABEL}={index}",
         "--network", NETWORK,
+        "--ip", fixed_address(index),
         *RUN_OPTIONS,
         IMAGE,
     )  # fmt: skip
