@@ -3,7 +3,7 @@
     distill card --input dataset/quebecois_distill.jsonl dataset/quebecois_conversation.jsonl \\
         --output runs/demo/DATASET_CARD.md
     distill card --input runs/demo/labelled.jsonl --output runs/demo/LABELLED_CARD.md
-    distill card --input runs/demo/labelled/*.jsonl --output runs/demo/LABELLED_CARD.md \
+    distill card --input runs/demo/labelled/*.jsonl --output runs/demo/LABELLED_CARD.md \\
         --dataset-dir runs/demo/hf-dataset     # + parquet shards and a README: a HF dataset
 
 Writes a Markdown card with Hugging Face dataset-card front matter and, beside it, the same
@@ -13,14 +13,16 @@ licenses, and for labelled rows the teacher models, revisions, backends and tool
 The rows are read with the same validation as every other stage. The front matter is built
 with huggingface_hub's ``DatasetCardData``, so any ``--name`` gives valid YAML.
 
-``--dataset-dir`` also writes the rows as a Hugging Face dataset folder: ``data/<split>-NNNNN-
-of-NNNNN.parquet`` shards (one ``messages`` column ready for chat fine-tuning, the row's fields
-beside it, ``json_schema`` and ``metadata`` as JSON text) and a ``README.md`` whose ``configs``
-name the splits, so ``datasets.load_dataset(folder)`` reads it back as it is.
+``--dataset-dir`` also writes the rows as a Hugging Face dataset folder: parquet shards
+``data/<split>-<content hash>-NNNNN-of-NNNNN.parquet`` (a ``messages`` column ready for chat
+fine-tuning, the row's fields beside it, ``json_schema`` and ``metadata`` as JSON text) and a
+``README.md`` whose ``configs`` name the splits, so ``datasets.load_dataset(folder)`` reads it
+back as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import statistics
@@ -349,13 +351,20 @@ def write_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         files: dict[str, list[str]] = {}
-        for split in ("train", "heldout"):
-            rows = [dataset_row(r) for r in records if r.split == split]
+        splits = {
+            s: [dataset_row(r) for r in records if r.split == s] for s in ("train", "heldout")
+        }
+        # datasets caches a folder by its README's file patterns, not by the files' content: a
+        # content hash in the names keeps it from serving an earlier folder's rows.
+        digest = hashlib.sha256(
+            json.dumps(splits, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        ).hexdigest()[:12]
+        for split, rows in splits.items():
             if not rows:
                 continue
             shards = -(-len(rows) // SHARD_ROWS)
             for index in range(shards):
-                name = f"data/{split}-{index:05d}-of-{shards:05d}.parquet"
+                name = f"data/{split}-{digest}-{index:05d}-of-{shards:05d}.parquet"
                 (tmp / "data").mkdir(exist_ok=True)
                 part = rows[index * SHARD_ROWS : (index + 1) * SHARD_ROWS]
                 Dataset.from_list(part, features=_features()).to_parquet(str(tmp / name))
@@ -363,7 +372,7 @@ def write_dataset(
         configs = [
             {
                 "config_name": "default",
-                "data_files": [{"split": s, "path": f"data/{s}-*"} for s in files],
+                "data_files": [{"split": s, "path": f"data/{s}-{digest}-*"} for s in files],
             }
         ]
         (tmp / "README.md").write_text(render_card(stats, args, configs), encoding="utf-8")

@@ -183,10 +183,9 @@ def test_the_dataset_folder_loads_back_with_datasets(tmp_path: Path) -> None:
     args = CardArgs(input=[source], output=tmp_path / "CARD.md", dataset_dir=folder)
     summary = card.run(args)
     assert summary["dataset"]["splits"] == {"train": 1, "heldout": 1}
-    assert sorted(p.name for p in (folder / "data").iterdir()) == [
-        "heldout-00000-of-00001.parquet",
-        "train-00000-of-00001.parquet",
-    ]
+    names = sorted(p.name for p in (folder / "data").iterdir())
+    assert [n.split("-")[0] for n in names] == ["heldout", "train"]
+    assert all(n.endswith("-00000-of-00001.parquet") for n in names)
     loaded = datasets.load_dataset(str(folder))
     assert set(loaded) == {"train", "heldout"}
     assert loaded["train"]["id"] == ["a", "b"] and loaded["heldout"]["id"] == ["c"]
@@ -198,12 +197,17 @@ def test_the_dataset_folder_loads_back_with_datasets(tmp_path: Path) -> None:
     assert json.loads(held["json_schema"]) == schema and held["reference"] == "{}"
     assert (held["register"], held["dialect"]) == ("neutre", "unspecified")
     front = front_of((folder / "README.md").read_text(encoding="utf-8"))
+    digest = names[0].split("-")[1]
     assert front["configs"][0]["data_files"] == [
-        {"split": "train", "path": "data/train-*"},
-        {"split": "heldout", "path": "data/heldout-*"},
+        {"split": "train", "path": f"data/train-{digest}-*"},
+        {"split": "heldout", "path": f"data/heldout-{digest}-*"},
     ]
-    # A second run replaces its own folder; a folder it did not write is left alone.
+    # A second run replaces its own folder, and datasets reads the new rows, not its cache.
+    rows[0]["id"] = "a2"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     card.run(args)
+    assert datasets.load_dataset(str(folder))["train"]["id"] == ["a2", "b"]
+    # A folder it did not write is left alone.
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("x")
