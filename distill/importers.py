@@ -34,6 +34,7 @@ validated as every stage validates it; a bad input row stops the import with
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,23 +145,27 @@ def read_source(path: Path, split: str) -> Iterator[tuple[int | str, Any]]:
     if not is_hf_source(path):
         yield from iter_json_lines(path)
         return
-    dataset = load_hf(path, split)
-    for index, row in enumerate(dataset):
-        yield f"row {index}", row
+    # A cache of our own, dropped afterwards: datasets keys a folder whose README names its
+    # files by those patterns, not by the files' content, and would serve an earlier import.
+    with tempfile.TemporaryDirectory(prefix="pidistill-import-") as cache:
+        dataset = load_hf(path, split, Path(cache))
+        for index, row in enumerate(dataset):
+            yield f"row {index}", row
 
 
-def load_hf(path: Path, split: str) -> Any:
+def load_hf(path: Path, split: str, cache_dir: Path | None = None) -> Any:
     """One split of a Hugging Face dataset on disk, through the ``datasets`` library."""
     import datasets
 
     datasets.disable_progress_bars()
+    cache = {"cache_dir": str(cache_dir)} if cache_dir else {}
     if path.is_dir() and any((path / n).exists() for n in ("dataset_dict.json", "state.json")):
         loaded = datasets.load_from_disk(str(path))
     elif path.is_dir():
-        loaded = datasets.load_dataset(str(path))
+        loaded = datasets.load_dataset(str(path), **cache)
     else:
         builder = HF_SUFFIXES[path.suffix.lower()]
-        loaded = datasets.load_dataset(builder, data_files={split: str(path)})
+        loaded = datasets.load_dataset(builder, data_files={split: str(path)}, **cache)
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise ValueError(

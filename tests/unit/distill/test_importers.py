@@ -201,6 +201,27 @@ def test_a_saved_dataset_folder_picks_its_split(tmp_path: Path, capsys) -> None:
     assert f"{folder}: --split validation: no such split (splits: train, test)" in err
 
 
+def test_a_folder_changed_since_the_last_import_is_read_again(tmp_path: Path, capsys) -> None:
+    import datasets
+
+    folder = tmp_path / "qa"
+    (folder / "data").mkdir(parents=True)
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n"
+        "  - split: train\n    path: data/train-*\n---\n"
+    )
+    seen = []
+    for questions in (["Allo?"], ["Salut?", "Bonjour?"]):
+        datasets.Dataset.from_dict({"user": questions}).to_parquet(
+            str(folder / "data" / "train-00000-of-00001.parquet")
+        )
+        output = tmp_path / f"rows{len(seen)}.jsonl"
+        code, _, err = run_import(capsys, "--input", str(folder), "--output", str(output))
+        assert code == 0, err
+        seen.append([r.user for r in read_records(output)])
+    assert seen == [["Allo?"], ["Salut?", "Bonjour?"]]
+
+
 def test_derived_ids_are_stable_and_duplicates_are_caught(tmp_path: Path, capsys) -> None:
     source = jsonl(tmp_path / "a.jsonl", [{"user": "Allo!"}, {"user": "Salut!"}, {"user": "Allo!"}])
     code, _, err = run_import(capsys, "--input", str(source), "--output", str(tmp_path / "o.jsonl"))
