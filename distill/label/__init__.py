@@ -8,6 +8,10 @@
     distill label --input prompts.jsonl --output out.jsonl --logprobs 20   # the top 20 kept
     distill label --input prompts.jsonl --output out.jsonl --skip-existing   # resume after a crash
 
+Rows need only ``user`` (see :mod:`distill.records`). A conversation row's ``history`` reaches
+the teacher as the earlier turns (chat messages, or named paragraphs in the plain style) and it
+answers the last user turn; a ``reference`` answer that came with the row is never sent.
+
 Two backends (:mod:`distill.label.teacher_hf`, :mod:`distill.label.teacher_openai`).
 ``transformers`` loads a local directory or hub id and feeds ``generate`` prompts sorted by
 length in left-padded batches. ``openai`` sends the rows to an OpenAI-compatible server, several
