@@ -72,3 +72,19 @@ def test_the_run_record_counts_conversations_per_file(tmp_path: Path) -> None:
     ]
     (item,) = data_record([path], records)
     assert (item["rows"], item["conversations"]) == (2, 1)
+
+
+def test_with_the_teachers_token_ids_a_conversation_learns_those_ids_alone(
+    tiny_model: Path,
+) -> None:
+    from transformers import AutoTokenizer
+
+    from distill.encoding import encode_record_with_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+    example = encode_record_with_ids(conversation(), "chat", tokenizer, ids, 512)
+    assert example is not None
+    assert [t for t in example.labels if t != IGNORE_INDEX] == ids
+    prompt = tokenizer.decode(example.input_ids[: -len(ids)], skip_special_tokens=True)
+    assert EARLIER in prompt and "hockey?" in prompt
