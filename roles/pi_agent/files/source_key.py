@@ -2,9 +2,10 @@
 
     python source_key.py /path/to/project        # prints 16 hex digits
 
-The project's wheel holds the workstation's packages too (distill, tui), which the boards never
-run; keying the wheel by ``pi_agent/`` and ``pyproject.toml`` alone means that an edit elsewhere in
-the project neither rebuilds the wheel nor restarts an agent.
+The boards get the agent's own distribution (packaging/pi-agent: the pi_agent package alone, no
+dependencies). Keying its wheel by ``pi_agent/`` and ``packaging/pi-agent/`` alone means that an
+edit elsewhere in the project (distill/, tui/, the workstation's pyproject.toml) neither rebuilds
+the wheel nor restarts an agent.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import hashlib
 import sys
 from pathlib import Path
 
+SOURCES = ("pi_agent", "packaging/pi-agent")
+
 
 def source_key(project: Path) -> str:
-    """sha256 over the agent package's files (names and bytes) and pyproject.toml."""
+    """sha256 over the files (names and bytes) of the agent's package and its packaging."""
     digest = hashlib.sha256()
-    package = (project / "pi_agent").rglob("*")
-    files = [project / "pyproject.toml"]
-    files += sorted(p for p in package if p.is_file() and "__pycache__" not in p.parts)
+    files = sorted(
+        path
+        for folder in SOURCES
+        for path in (project / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    )
     for path in files:
         digest.update(str(path.relative_to(project)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
