@@ -186,7 +186,7 @@ def test_the_dataset_folder_loads_back_with_datasets(tmp_path: Path) -> None:
     names = sorted(p.name for p in (folder / "data").iterdir())
     assert [n.split("-")[0] for n in names] == ["heldout", "train"]
     assert all(n.endswith("-00000-of-00001.parquet") for n in names)
-    loaded = datasets.load_dataset(str(folder))
+    loaded = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "cache"))
     assert set(loaded) == {"train", "heldout"}
     assert loaded["train"]["id"] == ["a", "b"] and loaded["heldout"]["id"] == ["c"]
     talk = loaded["train"][1]
@@ -206,7 +206,10 @@ def test_the_dataset_folder_loads_back_with_datasets(tmp_path: Path) -> None:
     rows[0]["id"] = "a2"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     card.run(args)
-    assert datasets.load_dataset(str(folder))["train"]["id"] == ["a2", "b"]
+    assert datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "cache"))["train"]["id"] == [
+        "a2",
+        "b",
+    ]
     # A folder it did not write is left alone.
     other = tmp_path / "other"
     other.mkdir()
