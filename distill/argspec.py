@@ -5,6 +5,9 @@ flag, choices); checks live in ``__post_init__`` and raise :class:`ValueError`. 
 declaration this module builds the argparse parser (:func:`build_parser`), merges
 ``--config x.yaml`` under the flags (:func:`parse_into`), and turns an instance back into the
 exact command line (:func:`to_argv`), which ``distill.ops`` and the TUI use.
+
+Every flag is also accepted with underscores (``--batch_size`` for ``--batch-size``), the
+spelling the seed's scripts documented; ``--help`` lists only the hyphenated form.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -65,11 +69,42 @@ def _required(field: dataclasses.Field[Any]) -> bool:
     return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser that also takes each long option spelt with underscores.
+
+    ``--batch_size 4`` and ``--no_skip_existing`` read as ``--batch-size 4`` and
+    ``--no-skip-existing``. The spelling is mended before parsing, and only where the mended
+    option is one this parser knows (or abbreviates one), so help shows one form, unknown flags
+    still fail in the user's own spelling, and values after ``--`` are left alone. Subparsers
+    made through ``add_subparsers`` are of this class too.
+    """
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(self._hyphenated(argv), namespace)
+
+    def _hyphenated(self, argv: list[str]) -> list[str]:
+        known = [s for s in self._option_string_actions if s.startswith("--")]
+        out = []
+        for i, token in enumerate(argv):
+            if token == "--":
+                return out + argv[i:]
+            name, eq, value = token.partition("=")
+            if name.startswith("--") and "_" in name and name not in known:
+                mended = "--" + name[2:].replace("_", "-")
+                if any(s == mended or s.startswith(mended) for s in known):
+                    token = mended + eq + value
+            out.append(token)
+        return out
+
+
 def build_parser(
     cls: type, parser: argparse.ArgumentParser | None = None
 ) -> argparse.ArgumentParser:
     """Add one option per field of ``cls`` (defaults left unset so config files can fill them)."""
-    parser = parser or argparse.ArgumentParser()
+    parser = parser or ArgumentParser()
     parser.add_argument(
         "--config", type=Path, default=None, help="YAML file of option values; flags override it"
     )

@@ -39,7 +39,7 @@ def _args_class(stage: str) -> type:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = argspec.ArgumentParser(
         prog="distill",
         description="Distil a teacher model into a small student for Raspberry Pis.",
     )
