@@ -3,6 +3,7 @@
     distill label --input dataset/quebecois_distill.jsonl --output runs/demo/labelled.jsonl
     distill card --input runs/demo/labelled.jsonl --output runs/demo/DATASET_CARD.md
     distill import --input chats.jsonl --output prompts.jsonl
+    distill import-gguf --gguf SmolLM2-135M-Instruct.Q4_1.gguf --output-dir dist/smollm2
     distill llamacpp build
 
 Bad input ends with one line ``path:line: field: problem`` and exit code 2; a stage that fails
@@ -22,11 +23,8 @@ from distill import argspec, ops
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
-# The stages ops builds command lines for, and the commands only the CLI offers.
-STAGES: dict[str, tuple[str, str]] = {
-    **ops.STAGES,
-    "import": ("distill.importers", "ImportArgs"),
-}
+# The stages ops builds command lines for (llamacpp and teacher are the CLI's own, below).
+STAGES: dict[str, tuple[str, str]] = ops.STAGES
 
 
 def _args_class(stage: str) -> type:

@@ -336,7 +336,7 @@ def run(args: ExportArgs) -> dict[str, Any]:
             "commands": {"convert": _shown(convert_cmd)},
         }
         manifest_path = args.output_dir / "manifest.json"
-        atomic_write_json(manifest_path, _checked_manifest(manifest_path, manifest))
+        atomic_write_json(manifest_path, checked_manifest(manifest_path, manifest))
         ok = True
     except LlamaCppError as err:
         where = (
@@ -380,7 +380,7 @@ def _shown(cmd: list[str]) -> str:
     return " ".join(cmd)
 
 
-def _checked_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def checked_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The new manifest, refusing to replace one that describes another model."""
     if not path.is_file():
         return manifest

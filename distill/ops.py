@@ -29,6 +29,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("distill.train", "TrainArgs"),
     "export": ("distill.export", "ExportArgs"),
     "eval": ("distill.evaluate", "EvalArgs"),
+    "import": ("distill.importers", "ImportArgs"),
+    "import-gguf": ("distill.import_gguf", "ImportGgufArgs"),
 }
 
 

@@ -62,5 +62,8 @@ def test_every_available_stage_field_converts_its_own_default() -> None:
         for field in fields:
             if field["default"] is None or parse_type(field["type"]).widget == "checkbox":
                 continue
+            if field["default"] == "":  # an empty box leaves the flag out: the same default
+                assert convert(field, default_text(field)) is None, field
+                continue
             value = convert(field, default_text(field))
             assert value == field["default"] or str(value) == str(field["default"]), field
