@@ -53,8 +53,14 @@ class Host:
         return self.root / relative
 
     def board_model(self) -> str:
-        """``/proc/device-tree/model`` (NUL-terminated on a Pi)."""
-        return self.path("proc/device-tree/model").read_bytes().rstrip(b"\0\n").decode()
+        """``/proc/device-tree/model`` (NUL-terminated on a Pi), else where that symlink points,
+        ``/sys/firmware/devicetree/base/model``: a container's own /proc has no device tree
+        (the lab binds a Pi's at /sys/firmware)."""
+        try:
+            return self.path("proc/device-tree/model").read_bytes().rstrip(b"\0\n").decode()
+        except FileNotFoundError:
+            path = self.path("sys/firmware/devicetree/base/model")
+            return path.read_bytes().rstrip(b"\0\n").decode()
 
     def board(self) -> str:
         """A short board id for the throughput table: ``pi4``, ``pi5``... or ``unknown``."""

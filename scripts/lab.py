@@ -5,6 +5,8 @@
     python scripts/lab.py image             # only the image (molecule scenarios boot it too)
     python scripts/lab.py status
     python scripts/lab.py down              # containers, network, key, image and inventory: gone
+    python scripts/lab.py up --arch arm64 --hosts 2        # arm64 stand-ins (a Pi 4, a Pi 5)
+    python scripts/lab.py up --arch x86_64,arm64,arm64     # one architecture per host
 
 A stand-in is Raspberry Pi OS in miniature: a Debian bookworm root file system made once by
 debootstrap (cached under .cache/lab/ as a tarball keyed by its recipe), imported as the image
@@ -15,6 +17,11 @@ inventory as ``ansible_host`` and ``pi_agent_url``). The stand-ins reach each ot
 Nothing is published on the workstation's own addresses: no NAT sits between the lab's hosts.
 Two quirks of these machines are built in (see shared/DESIGN.md): ``--runtime runc`` and ulimits
 of 4096. Everything the lab makes carries a ``pidistill.lab`` label, by which ``down`` removes it.
+
+arm64 stand-ins (``--arch``, spelled in ``lab_arch``) boot an arm64 root file system of the same
+recipe plus Raspberry Pi OS's disk swap (dphys-swapfile), imported as
+``localhost/pidistill-lab:bookworm-arm64``, under qemu-user through binfmt_misc, each with a
+Pi 4's or a Pi 5's device tree strings.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lab_arch import NATIVE, ArchError, HostSpec, board_tree, ensure_binfmt, parse_spec
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PIDISTILL_CACHE_DIR", ROOT / ".cache")) / "lab"
 INVENTORY = ROOT / "inventory" / "lab.yml"
@@ -40,6 +49,10 @@ LABEL = "pidistill.lab"
 # Containers inherit the image's labels (molecule's too): the lab's own hosts carry this one.
 HOST_LABEL = "pidistill.lab.host"
 PREFIX = "pidistill-pi-"
+# The architecture and board of a lab host (containers' labels; ``up`` recreates a host whose
+# labels differ from what is asked).
+ARCH_LABEL = "pidistill.lab.arch"
+BOARD_LABEL = "pidistill.lab.board"
 # pi-agent's port (pi_agent_port): the TUI, the tests and the other stand-ins reach it.
 AGENT_PORT = 8470
 SUITE = "bookworm"
@@ -92,6 +105,21 @@ done
 : > /etc/machine-id
 rm -f /var/cache/apt/archives/*.deb
 """  # noqa: E501
+# arm64 stand-ins also carry Raspberry Pi OS's own disk swap, dphys-swapfile, on as there, with
+# Pi OS's 100 MiB (Debian's default is twice the RAM: the workstation's, in a container). Its
+# swapon cannot happen in a container (swap is the host kernel's, and no CAP_SYS_ADMIN): the
+# lab's drop-in lets that one step fail, so the unit is active with /var/swap made, as on a Pi
+# whose swap the zram role then has to turn off.
+ARM64_PACKAGES = ("dphys-swapfile",)
+ARM64_CUSTOMIZE = r"""
+set -eu
+sed -i 's/^#\?CONF_SWAPSIZE=.*/CONF_SWAPSIZE=100/' /etc/dphys-swapfile
+install -d /etc/systemd/system/dphys-swapfile.service.d
+printf '[Service]\nExecStart=\nExecStart=/sbin/dphys-swapfile setup\nExecStart=-/sbin/dphys-swapfile swapon\n' \
+  > /etc/systemd/system/dphys-swapfile.service.d/lab-no-swapon.conf
+systemctl enable dphys-swapfile.service
+rm -f /var/cache/apt/archives/*.deb
+"""  # noqa: E501
 # Link caps (tc's token bucket filter): each stand-in's link, both ways, and the workstation's
 # uplink into the lab. "0" switches a cap off. This kernel has no sch_netem: no added delay.
 LINK_RATE = os.environ.get("LAB_LINK_RATE", "100mbit")
@@ -127,72 +155,95 @@ def podman(*args: str, check: bool = True, stdin: str | None = None) -> str:
     return sh(["podman", "--runtime", "runc", *args], check=check, stdin=stdin)
 
 
-def recipe_key() -> str:
-    """What the root file system is made from; a changed recipe means a fresh tarball."""
-    recipe = "\n".join([SUITE, MIRROR, *PACKAGES, CUSTOMIZE])
-    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+def recipe_key(arch: str = "amd64") -> str:
+    """What the root file system is made from; a changed recipe means a fresh tarball. The
+    amd64 recipe is the lab's first one (its key unchanged); others add their arch and extras."""
+    recipe = [SUITE, MIRROR, *PACKAGES, CUSTOMIZE]
+    if arch == "arm64":
+        recipe += [arch, *ARM64_PACKAGES, ARM64_CUSTOMIZE]
+    return hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:12]
 
 
-def rootfs_tarball() -> Path:
-    """The cached root file system, made by debootstrap the first time (~2 min)."""
-    key = recipe_key()
-    tarball = CACHE / f"rootfs-{SUITE}-{key}.tar"
+def image_name(arch: str = "amd64") -> str:
+    """``localhost/pidistill-lab:bookworm`` for amd64 (molecule's image), ``...-arm64`` else."""
+    return IMAGE if arch == "amd64" else f"{IMAGE}-{arch}"
+
+
+def rootfs_tarball(arch: str = "amd64") -> Path:
+    """The cached root file system, made by debootstrap the first time (~2 min; arm64, under
+    qemu-user, much longer)."""
+    key = recipe_key(arch)
+    stem = f"rootfs-{SUITE}-" if arch == "amd64" else f"rootfs-{SUITE}-{arch}-"
+    tarball = CACHE / f"{stem}{key}.tar"
     if tarball.is_file():
         return tarball
     for tool in ("debootstrap", "podman"):
         if shutil.which(tool) is None:
             raise LabError(f"{tool}: not installed (apt-get install podman runc debootstrap)")
+    packages = PACKAGES + (ARM64_PACKAGES if arch == "arm64" else ())
+    extra = ["--arch", arch] if arch != NATIVE else []
+    if arch != NATIVE:
+        print(f"lab: {ensure_binfmt()}", file=sys.stderr)
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE, prefix="rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs"
-        print(f"lab: debootstrap {SUITE} (once, ~2 min)", file=sys.stderr)
+        print(f"lab: debootstrap {SUITE} {arch} (once, ~2 min native, longer under qemu)",
+              file=sys.stderr)  # fmt: skip
+        started = time.monotonic()
         sh(
             [
                 "debootstrap",
                 "--variant=minbase",
-                f"--include={','.join(PACKAGES)}",
+                *extra,
+                f"--include={','.join(packages)}",
                 SUITE,
                 str(rootfs),
                 MIRROR,
             ]
         )
         sh(["chroot", str(rootfs), "/bin/sh", "-c", CUSTOMIZE])
+        if arch == "arm64":
+            sh(["chroot", str(rootfs), "/bin/sh", "-c", ARM64_CUSTOMIZE])
         partial = tarball.with_suffix(".tar.part")
         sh(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(partial), "."])
         partial.replace(tarball)
-    for stale in CACHE.glob(f"rootfs-{SUITE}-*.tar"):
-        if stale != tarball:
+        print(f"lab: {tarball.name} made in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    for stale in CACHE.glob(f"{stem}*.tar"):
+        # rootfs-bookworm-<key>.tar only: the amd64 stem also prefixes the arm64 tarballs.
+        if stale != tarball and len(stale.name) == len(tarball.name):
             stale.unlink()
     return tarball
 
 
-def image_key() -> str | None:
+def image_key(image: str = IMAGE) -> str | None:
     """The recipe key of the imported image, or ``None`` when there is none."""
-    out = podman("image", "inspect", "--format", "{{json .Labels}}", IMAGE, check=False)
+    out = podman("image", "inspect", "--format", "{{json .Labels}}", image, check=False)
     if not out.strip():
         return None
     return (json.loads(out) or {}).get(f"{LABEL}.key")
 
 
-def ensure_image() -> str:
+def ensure_image(arch: str = "amd64") -> str:
     """Import the root file system as the lab image unless the same recipe is already there."""
-    key = recipe_key()
-    current = image_key()
+    image = image_name(arch)
+    key = recipe_key(arch)
+    current = image_key(image)
     if current == key:
-        return IMAGE
-    tarball = rootfs_tarball()
+        return image
+    tarball = rootfs_tarball(arch)
     if current is not None:  # an older recipe's image would be left behind untagged
-        podman("rmi", "--force", IMAGE)
+        podman("rmi", "--force", image)
     podman(
         "import",
+        "--arch", arch,
         "--change", 'CMD ["/sbin/init"]',
         "--change", "STOPSIGNAL=SIGRTMIN+3",
         "--change", f"LABEL {LABEL}=1",
         "--change", f"LABEL {LABEL}.key={key}",
         str(tarball),
-        IMAGE,
+        image,
     )  # fmt: skip
-    return IMAGE
+    return image
 
 
 def ssh_key() -> Path:
@@ -335,18 +386,32 @@ def fixed_address(index: int) -> str:
     return str(net.network_address + 10 + index)
 
 
-def start(index: int, key: Path) -> str:
+def identity_options(host: HostSpec) -> list[str]:
+    """An arm64 stand-in's labels and its Pi's device tree (``/sys/firmware/devicetree/base``,
+    where ``/proc/device-tree`` points on a Pi; runc refuses mounts inside /proc). podman masks
+    /sys/firmware by default: unmasked for the folder bound there."""
+    out = ["--label", f"{ARCH_LABEL}={host.arch}", "--label", f"{BOARD_LABEL}={host.board}"]
+    if host.board:
+        tree = board_tree(host.board, CACHE)
+        out += ["--mount", f"type=bind,src={tree},dst=/sys/firmware,ro=true",
+                "--security-opt", "unmask=/sys/firmware"]  # fmt: skip
+    return out
+
+
+def start(index: int, key: Path, host: HostSpec | None = None) -> str:
     """Boot stand-in number ``index`` (at its fixed address) and give ``pi`` the lab's key."""
     name = f"{PREFIX}{index}"
+    host = host or HostSpec("amd64")
     podman(
         "run", "--detach",
         "--name", name,
         "--hostname", host_name(name),
         "--label", f"{HOST_LABEL}={index}",
+        *identity_options(host),
         "--network", NETWORK,
         "--ip", fixed_address(index),
         *RUN_OPTIONS,
-        IMAGE,
+        image_name(host.arch),
     )  # fmt: skip
     public = key.with_suffix(".pub").read_text()
     podman(
@@ -357,17 +422,27 @@ def start(index: int, key: Path) -> str:
     return name
 
 
-def boot(index: int, key: Path) -> None:
+def boot(index: int, key: Path, host: HostSpec | None = None) -> None:
     """Wait for stand-in ``index`` to answer SSH; one whose systemd died while booting is
-    recreated once (the cause is printed), a second death is an error."""
+    recreated once (the cause is printed), a second death is an error. Emulated stand-ins boot
+    several times slower: they are given longer."""
     name = f"{PREFIX}{index}"
+    host = host or HostSpec("amd64")
+    timeout = 120.0 if host.arch == NATIVE else 600.0
     try:
-        wait_ssh(key, name)
+        wait_ssh(key, name, timeout)
     except InitDied as err:
         print(f"lab: {err}\nlab: recreating {name} once", file=sys.stderr)
         podman("rm", "--force", "--time", "5", name)
-        start(index, key)
-        wait_ssh(key, name)
+        start(index, key, host)
+        wait_ssh(key, name, timeout)
+
+
+def host_spec(container: str) -> HostSpec:
+    """What a lab container was made as (its labels; an older lab's hosts are amd64)."""
+    out = podman("inspect", "--format", "{{json .Config.Labels}}", container, check=False)
+    labels = json.loads(out or "{}") or {}
+    return HostSpec(labels.get(ARCH_LABEL) or "amd64", labels.get(BOARD_LABEL) or "")
 
 
 def tc_cap(device: str, rate: str, netns_pid: int | None = None) -> None:
@@ -421,15 +496,21 @@ def bench_model_lines() -> list[str]:
     ]
 
 
-def write_inventory(names: list[str], key: Path, link_rate: str, uplink_rate: str) -> Path:
-    """``inventory/lab.yml`` (generated, git-ignored): the stand-ins as a fleet of Pis."""
-    hosts = {
-        host_name(n): {
-            "ansible_host": address(n),
-            "pi_agent_url": agent_url(n),
-        }
-        for n in names
-    }
+def write_inventory(
+    names: list[str], key: Path, link_rate: str, uplink_rate: str,
+    specs: list[HostSpec] | None = None,
+) -> Path:  # fmt: skip
+    """``inventory/lab.yml`` (generated, git-ignored): the stand-ins as a fleet of Pis. Foreign
+    architecture stand-ins are named with their arch and board (``lab_arch``, ``lab_board``) and
+    not seeded from the workstation's llama.cpp build (another architecture)."""
+    specs = specs or [HostSpec("amd64")] * len(names)
+    hosts: dict[str, dict[str, object]] = {}
+    for n, spec in zip(names, specs, strict=True):
+        hostvars: dict[str, object] = {"ansible_host": address(n), "pi_agent_url": agent_url(n)}
+        if spec.arch != NATIVE:
+            hostvars |= {"lab_arch": spec.arch, "lab_board": spec.board,
+                         "llama_cpp_seed_from_workstation": False}  # fmt: skip
+        hosts[host_name(n)] = hostvars
     lines = [
         "---",
         "# Generated by scripts/lab.py (make lab-up); removed by make lab-down. Do not edit.",
@@ -487,11 +568,28 @@ def raise_inotify_limits(count: int) -> None:
             path.write_text(f"{value}\n")
 
 
-def up(count: int, link_rate: str = LINK_RATE, uplink_rate: str = UPLINK_RATE) -> int:
-    """Make ``count`` stand-ins (existing ones are kept; extra ones removed), links capped."""
-    if count < 1:
+def up(
+    count: int | None = None, link_rate: str = LINK_RATE, uplink_rate: str = UPLINK_RATE,
+    arch: str = "",
+) -> int:  # fmt: skip
+    """Make the stand-ins ``arch`` names (``lab_arch.parse_spec``; ``count`` of them, default
+    3, all of the workstation's architecture without ``arch``). Existing ones of the same
+    architecture and board are kept, others recreated, extra ones removed; links capped."""
+    if count is not None and count < 1:
         raise LabError("--hosts must be at least 1")
-    ensure_image()
+    try:
+        specs = parse_spec(arch, count)
+    except ArchError as err:
+        raise LabError(str(err)) from err
+    count = len(specs)
+    arches = sorted({s.arch for s in specs})
+    if any(a != NATIVE for a in arches):
+        try:
+            print(f"lab: {ensure_binfmt()}", file=sys.stderr)
+        except ArchError as err:
+            raise LabError(str(err)) from err
+    for name in arches:
+        ensure_image(name)
     raise_inotify_limits(count)
     key = ssh_key()
     if not network_exists():
@@ -501,20 +599,25 @@ def up(count: int, link_rate: str = LINK_RATE, uplink_rate: str = UPLINK_RATE) -
     for name in sorted(existing - set(wanted)):
         podman("rm", "--force", "--time", "5", name)
     created = started = 0
-    for index, name in enumerate(wanted, start=1):
+    for index, (name, spec) in enumerate(zip(wanted, specs, strict=True), start=1):
+        if name in existing and host_spec(name) != spec:  # another arch or board: made again
+            podman("rm", "--force", "--time", "5", name)
+            existing.discard(name)
         if name not in existing:
-            start(index, key)
+            start(index, key, spec)
             created += 1
         elif "running" not in podman("inspect", "--format", "{{.State.Status}}", name):
             podman("start", name)
             started += 1
-    for index in range(1, count + 1):
-        boot(index, key)
+    for index, spec in enumerate(specs, start=1):
+        boot(index, key, spec)
     shape(wanted, link_rate, uplink_rate)
-    path = write_inventory(wanted, key, link_rate, uplink_rate)
+    path = write_inventory(wanted, key, link_rate, uplink_rate, specs)
+    kinds = ", ".join(f"{host_name(n)} {s.arch}{'/' + s.board if s.board else ''}"
+                      for n, s in zip(wanted, specs, strict=True))  # fmt: skip
     print(f"lab: {count} stand-in Pi(s) up (created {created}, started {started}); links "
           f"{link_rate or '0'} each way, uplink {uplink_rate or '0'}; "
-          f"inventory {path.relative_to(ROOT)}")  # fmt: skip
+          f"inventory {path.relative_to(ROOT)}; {kinds}")  # fmt: skip
     return 0
 
 
@@ -525,8 +628,10 @@ def down(keep_image: bool = False) -> int:
         podman("rm", "--force", "--time", "5", *names)
     if network_exists():
         podman("network", "rm", "--force", NETWORK)
-    if not keep_image and image_key() is not None:
-        podman("rmi", "--force", IMAGE)
+    if not keep_image:
+        for image in (image_name("amd64"), image_name("arm64")):
+            if image_key(image) is not None:
+                podman("rmi", "--force", image)
     shutil.rmtree(CACHE / "ssh", ignore_errors=True)
     INVENTORY.unlink(missing_ok=True)
     print(f"lab: removed {len(names)} container(s), network, key, inventory"
@@ -540,7 +645,9 @@ def status() -> int:
     for name in names:
         state = podman("inspect", "--format", "{{.State.Status}}", name).strip()
         where = address(name) if state == "running" else "-"
-        print(f"{host_name(name)}\t{where}\t{state}")
+        spec = host_spec(name)
+        print(f"{host_name(name)}\t{where}\t{state}\t{spec.arch}"
+              + (f"/{spec.board}" if spec.board else ""))  # fmt: skip
     if not names:
         print("lab: no stand-in Pis")
     return 0
@@ -550,8 +657,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="make N stand-in Pis and write inventory/lab.yml")
-    p_up.add_argument("--hosts", type=int, default=int(os.environ.get("N", "3")),
-                      help="how many stand-ins (default: $N or 3)")  # fmt: skip
+    p_up.add_argument("--hosts", type=int,
+                      default=int(os.environ["N"]) if os.environ.get("N") else None,
+                      help="how many stand-ins (default: $N, else as many as --arch names, "
+                           "else 3)")  # fmt: skip
+    p_up.add_argument("--arch", default=os.environ.get("LAB_ARCH", ""),
+                      help="x86_64 (amd64) or arm64 (aarch64, optionally :pi4 or :pi5) for every "
+                           "host, or a comma-separated list, one per host (default $LAB_ARCH, "
+                           f"else {NATIVE}); arm64 hosts alternate pi4, pi5")  # fmt: skip
     p_up.add_argument("--link-rate", default=LINK_RATE,
                       help="cap of each stand-in's link, each way (tc rate; 0: none; "
                            "default $LAB_LINK_RATE or 100mbit)")  # fmt: skip
@@ -560,16 +673,18 @@ def main(argv: list[str] | None = None) -> int:
                            "$LAB_UPLINK_RATE or 100mbit)")  # fmt: skip
     p_down = sub.add_parser("down", help="remove everything the lab made")
     p_down.add_argument("--keep-image", action="store_true", help="keep the imported image")
-    sub.add_parser("image", help="build (once) and import the stand-in image")
+    p_image = sub.add_parser("image", help="build (once) and import the stand-in image")
+    p_image.add_argument("--arch", default=NATIVE, choices=["amd64", "arm64"],
+                         help=f"the image's architecture (default {NATIVE})")  # fmt: skip
     sub.add_parser("status", help="list the stand-ins")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            return up(args.hosts, args.link_rate, args.uplink_rate)
+            return up(args.hosts, args.link_rate, args.uplink_rate, args.arch)
         if args.command == "down":
             return down(args.keep_image)
         if args.command == "image":
-            print(ensure_image())
+            print(ensure_image(args.arch))
             return 0
         return status()
     except LabError as err:
