@@ -75,7 +75,7 @@ fleet-demo: $(STAMP_VENV) llamacpp ## lab up, site.yml with the exported student
 	$(BIN)/python scripts/fleet_demo.py --hosts $${N:-3} --model-dir $${MODEL_DIR:-runs/demo/dist}
 
 bench: $(STAMP_VENV) llamacpp ## measure, write runs/bench/bench.md and bench.csv
-	$(BIN)/python -m distill.bench --out runs/bench
+	$(BIN)/distill bench --out runs/bench
 
 bench-fleet: $(STAMP_VENV) llamacpp ## the lab at N=4..32: model delivery (push vs peers), no-change site.yml
 	$(BIN)/python scripts/bench_fleet.py --sizes $${SIZES:-4,8,16,32} --out runs/bench

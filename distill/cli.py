@@ -4,6 +4,7 @@
     distill card --input runs/demo/labelled.jsonl --output runs/demo/DATASET_CARD.md
     distill import --input chats.jsonl --output prompts.jsonl
     distill import-gguf --gguf SmolLM2-135M-Instruct.Q4_1.gguf --output-dir dist/smollm2
+    distill bench --only decode --threads 4
     distill llamacpp build
 
 Bad input ends with one line ``path:line: field: problem`` and exit code 2; a stage that fails
@@ -49,8 +50,12 @@ def _parser() -> argparse.ArgumentParser:
             cls = _args_class(stage)
         except ops.OpError:
             continue  # a stage whose module is not there yet
-        # The stage's module (a package's __init__ for a stage split into steps) holds its doc.
-        text = sys.modules[STAGES[stage][0]].__doc__ or ""
+        # The stage's module (a package's __init__ for a stage split into steps) holds its doc;
+        # for one described in ops (bench), its arguments class does.
+        module_name = STAGES[stage][0]
+        text = (
+            cls.__doc__ if module_name == ops.__name__ else sys.modules[module_name].__doc__
+        ) or ""
         doc = text.strip().splitlines()
         stage_parser = sub.add_parser(
             stage,
@@ -88,6 +93,8 @@ def _run(namespace: argparse.Namespace) -> dict:
 
     cls = _args_class(namespace.stage)
     args = argspec.parse_into(cls, namespace)
+    if namespace.stage == "bench":  # described in ops, run by distill.bench
+        return ops.run_bench(args)
     module = importlib.import_module(STAGES[namespace.stage][0])
     return module.run(args)
 

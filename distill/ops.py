@@ -6,10 +6,14 @@
     ['distill', 'label', '--input', 'dataset/quebecois_distill.jsonl', '--output', 'out.jsonl',
      '--batch-size', '32']
 
+    >>> build("bench", only=["decode"], threads=4).shell()
+    'distill bench --only decode --threads 4'
+
 Each stage's arguments are one dataclass (``distill.label.LabelArgs``...); building it runs
 its checks, so a non-positive batch size or a missing required field fails here, before any
 process starts. Secrets (hub token, API key) travel in the environment, never on the command
-line.
+line. The benchmarks (``make bench``, ``distill bench``) are described here, by
+:class:`BenchArgs`, so the Makefile and the TUI's Pipeline screen build the same command.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import dataclasses
 import importlib
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from distill import argspec
+from distill.argspec import arg
 
 # stage name -> (module, arguments class); modules load lazily so `distill --help` stays instant.
 STAGES: dict[str, tuple[str, str]] = {
@@ -31,7 +37,71 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("distill.evaluate", "EvalArgs"),
     "import": ("distill.importers", "ImportArgs"),
     "import-gguf": ("distill.import_gguf", "ImportGgufArgs"),
+    "bench": ("distill.ops", "BenchArgs"),
 }
+# distill.bench's sections (a test keeps the two lists equal; importing it here would load more
+# than `distill --help` needs).
+BENCH_SECTIONS = ("agent", "decode", "distillation", "fleet", "labelling", "training")
+
+
+@dataclass
+class BenchArgs:
+    """``distill bench``: speed and memory of each stage, the benchmarks of ``make bench``.
+
+        distill bench --out runs/bench
+        distill bench --only labelling decode --rows 32 --threads 4
+
+    Runs ``python -m distill.bench`` (see its docstring for the sections) with these flags;
+    ``bench.md`` and ``bench.csv`` land in ``--out``, the Markdown report goes to stderr and a
+    JSON summary to stdout, as every stage's. Described here so the Makefile and the TUI's
+    Pipeline screen build the same command.
+    """
+
+    out: Path = arg(Path("runs/bench"), help="output directory (bench.md, bench.csv)")
+    only: list[str] | None = arg(
+        None, help="sections to run (default: every one)", choices=BENCH_SECTIONS
+    )
+    rows: int = arg(64, help="prompts per labelling backend")
+    loop_rows: int = arg(12, help="prompts for the slow per-row loop (labelling)")
+    max_new_tokens: int = arg(32, help="tokens per answer (labelling)")
+    batch_size: int = arg(32, help="transformers batch size (labelling)")
+    parallel: int = arg(16, help="llama-server slots (labelling)")
+    threads: int = arg(2, help="llama-bench threads (decode)")
+    distill_steps: int = arg(16, help="optimizer steps per loss (distillation)")
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        for name in ("rows", "loop_rows", "max_new_tokens", "batch_size", "parallel", "threads",
+                     "distill_steps"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be positive, got {getattr(self, name)}")
+        unknown = sorted(set(self.only or []) - set(BENCH_SECTIONS))
+        if unknown:
+            known = ", ".join(BENCH_SECTIONS)
+            raise ValueError(f"only: unknown section(s) {', '.join(unknown)} (known: {known})")
+
+
+def run_bench(args: BenchArgs) -> dict[str, Any]:
+    """Run ``distill.bench`` with ``args``; its Markdown report goes to stderr, the summary back."""
+    import contextlib
+    import sys
+
+    from distill import bench
+
+    argv, _ = argspec.to_argv(args)
+    if "--out" not in argv:  # the default, written out: distill.bench need not share it
+        argv += ["--out", str(args.out)]
+    with contextlib.redirect_stdout(sys.stderr):
+        code = bench.main(argv)
+    if code != 0:
+        raise RuntimeError(f"python -m distill.bench {shlex.join(argv)}: exit {code}")
+    return {
+        "out": str(args.out),
+        "sections": args.only or sorted(bench.SECTIONS),
+        "markdown": str(args.out / "bench.md"),
+        "csv": str(args.out / "bench.csv"),
+    }
 
 
 class OpError(ValueError):

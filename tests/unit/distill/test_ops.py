@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from distill import ops
+from distill import argspec, ops
 
 
 def test_label_command_lists_only_what_differs_from_defaults() -> None:
@@ -93,3 +94,81 @@ def test_fields_describe_each_flag_for_forms() -> None:
     assert fields["batch_size"]["default"] == 16
     assert fields["hf_token"]["secret"]
     assert fields["prompt_style"]["choices"] == ("auto", "plain", "chat")
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def test_the_bench_command_is_built_like_every_stage() -> None:
+    command = ops.build("bench", only=["decode", "labelling"], threads=4, out=Path("r"))
+    assert command.argv == [
+        "distill",
+        "bench",
+        "--out",
+        "r",
+        "--only",
+        "decode",
+        "labelling",
+        "--threads",
+        "4",
+    ]
+    assert ops.build("bench").argv == ["distill", "bench"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"rows": 0}, "--rows must be positive, got 0"),
+        ({"threads": -1}, "--threads must be positive, got -1"),
+        ({"only": ["decoding"]}, "only: unknown section(s) decoding"),
+    ],
+    ids=["no rows", "negative threads", "a section that does not exist"],
+)
+def test_bench_mistakes_fail_when_built(values: dict, message: str) -> None:
+    with pytest.raises(ops.OpError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ops.build("bench", **values)
+
+
+def test_the_bench_sections_are_distill_benchs() -> None:
+    from distill import bench
+
+    assert sorted(bench.SECTIONS) == list(ops.BENCH_SECTIONS)
+
+
+def test_the_cli_parses_the_built_bench_command() -> None:
+    from distill.cli import _parser
+
+    original = ops.BenchArgs(out=Path("o"), only=["agent"], rows=3, distill_steps=2)
+    command = ops.build("bench", out=Path("o"), only=["agent"], rows=3, distill_steps=2)
+    namespace = _parser().parse_args(command.argv[1:])
+    assert argspec.parse_into(ops.BenchArgs, namespace) == original
+
+
+def test_distill_bench_runs_a_section_and_writes_its_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fleet section only reads fleet.csv: a real, cheap run of the built command."""
+    from distill import cli
+
+    (tmp_path / "fleet.csv").write_text(
+        "measure,mode,hosts,seconds,uplink_mb,rerun_received_mb,rerun_changed\n"
+        "no-change site.yml,,4,12.5,,,\n"
+    )
+    command = ops.build("bench", only=["fleet"], out=tmp_path)
+    assert cli.main(command.argv[1:]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary == {
+        "out": str(tmp_path),
+        "sections": ["fleet"],
+        "markdown": str(tmp_path / "bench.md"),
+        "csv": str(tmp_path / "bench.csv"),
+    }
+    assert "| fleet | no-change site.yml N=4 | 12.5 | s |" in (tmp_path / "bench.md").read_text()
+    assert "# pidistill benchmarks" in captured.err  # the report, off stdout
+
+
+def test_the_makefile_benchmarks_through_the_shared_command() -> None:
+    makefile = (Path(__file__).resolve().parents[3] / "Makefile").read_text()
+    recipe = makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
+    assert "$(BIN)/distill bench " in recipe
