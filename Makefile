@@ -18,7 +18,7 @@ APT_PACKAGES := build-essential cmake ccache git python3-venv podman runc deboot
 STAMP_APT := $(PIDISTILL_CACHE_DIR)/apt.stamp
 STAMP_VENV := $(VENV)/.installed
 
-.PHONY: help venv apt llamacpp demo test test-fast lint bench clean teacher lab-up lab-down fleet-demo bench-fleet
+.PHONY: help venv apt llamacpp demo test test-fast lint bench clean teacher lab-up lab-down fleet-demo bench-fleet release
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,11 @@ teacher: $(STAMP_VENV) ## convert the embedded teacher to an HF directory (once)
 
 demo: $(STAMP_VENV) llamacpp ## the main job end to end: label, card, train, export, eval, lab fleet
 	$(BIN)/python -m distill.demo
+
+RELEASE_RUN_DIR ?= runs/release
+release: $(STAMP_VENV) llamacpp ## label, train, export, eval on the embedded defaults; one dist/ tarball + .sha256
+	DEMO_RUN_DIR=$(RELEASE_RUN_DIR) DEMO_FLEET_SIZE=0 $(BIN)/python -m distill.demo
+	$(BIN)/python -m distill.release --run-dir $(RELEASE_RUN_DIR) --out dist
 
 test: $(STAMP_VENV) llamacpp ## run every test (slow ones included)
 	$(BIN)/pytest
