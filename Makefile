@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 export PIDISTILL_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-APT_PACKAGES := build-essential cmake ccache git python3-venv podman runc debootstrap prometheus aria2 mktorrent libopenblas-dev
+APT_PACKAGES := build-essential cmake ccache git python3-venv podman runc debootstrap prometheus aria2 mktorrent libopenblas-dev qemu-user-static
 STAMP_APT := $(PIDISTILL_CACHE_DIR)/apt.stamp
 STAMP_VENV := $(VENV)/.installed
 
@@ -70,8 +70,8 @@ lint: $(STAMP_VENV) ## ruff, yamllint, ansible-lint (production profile)
 	$(BIN)/yamllint -s .
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint
 
-lab-up: $(STAMP_VENV) ## N stand-in Pis (default 3) in podman, writes inventory/lab.yml
-	$(BIN)/python scripts/lab.py up --hosts $${N:-3}
+lab-up: $(STAMP_VENV) ## N stand-in Pis (default 3) in podman, writes inventory/lab.yml; ARCH=arm64 or x86_64,arm64,...
+	$(BIN)/python scripts/lab.py up $(if $(N),--hosts $(N)) $(if $(ARCH),--arch $(ARCH))
 
 lab-down: $(STAMP_VENV) ## remove the lab: containers, network, key, image, inventory
 	$(BIN)/python scripts/lab.py down
