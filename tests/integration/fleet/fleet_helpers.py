@@ -116,3 +116,15 @@ def link_counter(host: str, counter: str = "rx_bytes") -> int:
     """A counter of the workstation's end of ``host``'s link (rx_bytes: what the host sent)."""
     veth, _ = stand_in_link(host)
     return int(Path(f"/sys/class/net/{veth}/statistics/{counter}").read_text())
+
+
+def foreign_ca(base: Path) -> Path:
+    """A CA of another fleet (the openssl command line; EC P-256): it signed none of the lab's
+    agents, so a client that trusts only it must be refused by all of them."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", "other.key", "-out", "other.pem", "-days", "2",
+         "-subj", "/CN=another fleet", "-addext", "basicConstraints=critical,CA:TRUE"],
+        cwd=base, check=True, capture_output=True,
+    )  # fmt: skip
+    return base / "other.pem"

@@ -3,6 +3,10 @@
 an OpenAI client answered by the deployed student, a corrupt model that stops at the canary (which
 rolls back), a host lost mid-run, and a lab-down that leaves nothing.
 The held-out prompts that need JSON get schema-valid answers through ``response_format``.
+Every agent serves HTTPS with a certificate of the fleet's CA (made on the workstation by the
+pi_agent role): the workstation's clients here, Ansible's uri calls and the boards' aria2c verify
+it, and clients that do not trust the CA are refused. Each board installs only the sha256s its
+allowlist (written by model_sync) names.
 
 Tests in this file run in order and share one lab (the session's ``lab`` fixture, three hosts:
 pi-1 is the canary).
@@ -10,15 +14,18 @@ pi-1 is the canary).
 
 from __future__ import annotations
 
-import hashlib
+import http.client
 import ipaddress
 import json
 import os
+import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,6 +37,7 @@ from fleet_helpers import (
     ROOT,
     cap_uplink,
     fleet_env,
+    foreign_ca,
     lab_module,
     link_counter,
     make_export,
@@ -51,18 +59,43 @@ def lab_hosts(inventory: Path) -> dict[str, dict]:
     return yaml.safe_load(inventory.read_text())["all"]["children"]["pis"]["hosts"]
 
 
+FLEET_CA = ROOT / ".cache" / "fleet" / "ca"
+
+
 def token(host: str) -> str:
     return (ROOT / ".cache" / "fleet" / "tokens" / host).read_text().strip()
 
 
+def fleet_tls() -> ssl.SSLContext:
+    """A client context that trusts the fleet's CA alone (the pi_agent role made it)."""
+    return ssl.create_default_context(cafile=FLEET_CA / "ca.pem")
+
+
 def agent_get(inventory: Path, host: str, path: str) -> dict:
-    """GET an agent endpoint from the workstation, at the stand-in's address on the lab network."""
+    """GET an agent endpoint from the workstation, at the stand-in's address on the lab network,
+    over HTTPS verified against the fleet's CA."""
     request = urllib.request.Request(
         lab_hosts(inventory)[host]["pi_agent_url"] + path,
         headers={"Authorization": f"Bearer {token(host)}"},
     )
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=30, context=fleet_tls()) as response:
         return json.loads(response.read())
+
+
+def on_board(inventory: Path, host: str, command: str, stdin: str | None = None) -> str:
+    """Run a shell command as root on a stand-in over SSH; its standard output."""
+    argv = lab_module().ssh_args(ROOT / ".cache" / "lab" / "ssh" / "id_ed25519",
+                                 lab_hosts(inventory)[host]["ansible_host"])  # fmt: skip
+    done = subprocess.run([*argv, "sudo", "-n", "sh", "-c", shlex.quote(command)], input=stdin,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, f"{host}: {command}: exit {done.returncode}: {done.stderr}"
+    return done.stdout
+
+
+def allowlist(inventory: Path, host: str) -> set[str]:
+    """The sha256s a board's allowlist names."""
+    text = on_board(inventory, host, "cat /etc/pi-agent/allowlist")
+    return {line.split("#")[0].strip() for line in text.splitlines()} - {""}
 
 
 def active_version(inventory: Path, host: str) -> str | None:
@@ -85,7 +118,7 @@ def test_every_stand_in_answers_ssh_as_pi_with_sudo(lab) -> None:
         # Each on the lab's own network, reached directly (no port published on the workstation).
         address = ipaddress.ip_address(hostvars["ansible_host"])
         assert address.is_private and not address.is_loopback
-        assert hostvars["pi_agent_url"] == f"http://{address}:8470"
+        assert hostvars["pi_agent_url"] == f"https://{address}:8470"
         done = subprocess.run(
             ["ssh", "-i", str(key), "-o", "BatchMode=yes",
              "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -143,10 +176,19 @@ def test_site_serves_and_benchmarks_the_lab_and_a_second_run_changes_nothing(
     assert sorted(line.split(",")[0] for line in report[1:]) == HOSTS
     assert (results / "fleet-report.md").is_file() and (results / "fleet-report.png").is_file()
 
+    # The fleet's CA and a certificate per host, made on the workstation; the keys stay 0600.
+    pki = {path.name: path.read_bytes() for path in sorted(FLEET_CA.rglob("*.*"))}
+    made = {"ca.pem", "ca.key"} | {f"{host}.{ext}" for host in HOSTS for ext in ("pem", "key")}
+    assert made <= set(pki)
+    assert {oct(p.stat().st_mode & 0o777) for p in FLEET_CA.rglob("*.key")} == {"0o600"}
+    assert oct(FLEET_CA.stat().st_mode & 0o777) == "0o700"
+
     second = recap(run(cmd, timeout=1200).stdout)
     assert {host: counts["changed"] for host, counts in second.items()} == dict.fromkeys(HOSTS, 0)
     # Nothing moved: the same version, installed at the same moment, on every board.
     assert {h: agent_get(lab, h, f"/v1/models/{version}")["created"] for h in HOSTS} == installed
+    # Neither the CA nor any host's key or certificate was made again.
+    assert {path.name: path.read_bytes() for path in sorted(FLEET_CA.rglob("*.*"))} == pki
     print(f"site.yml first run {first_s:.0f} s")
 
 
@@ -154,8 +196,11 @@ def test_an_openai_client_gets_text_from_the_deployed_student(
     lab: Path, student_export: Path
 ) -> None:
     openai = pytest.importorskip("openai")
+    import httpx
+
     url = lab_hosts(lab)["pi-2"]["pi_agent_url"]
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=token("pi-2"), timeout=60)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=token("pi-2"), timeout=60,
+                           http_client=httpx.Client(verify=fleet_tls()))  # fmt: skip
     assert version_of(student_export) in [m.id for m in client.models.list().data]
     answer = client.chat.completions.create(
         model=version_of(student_export),
@@ -163,6 +208,46 @@ def test_an_openai_client_gets_text_from_the_deployed_student(
         max_tokens=8,
     )
     assert answer.choices[0].message.content.strip()
+
+
+def tls_peer(address: str, context: ssl.SSLContext) -> dict:
+    """The certificate an agent presents, once ``context`` verified it (else an ``SSLError``)."""
+    import socket
+
+    with (
+        socket.create_connection((address, 8470), timeout=30) as raw,
+        context.wrap_socket(raw, server_hostname=address) as conn,
+    ):
+        return conn.getpeercert()
+
+
+def test_the_agents_speak_https_only_to_clients_that_trust_the_fleet_ca(
+    lab: Path, tmp_path: Path
+) -> None:
+    other = ssl.create_default_context(cafile=foreign_ca(tmp_path))
+    for host, hostvars in lab_hosts(lab).items():
+        address = hostvars["ansible_host"]
+        # Trusted: the certificate names the host as the inventory and the clients know it.
+        names = {value for _, value in tls_peer(address, fleet_tls())["subjectAltName"]}
+        assert {host, address, "127.0.0.1", "localhost"} <= names, names
+        # Refused: the system's CAs, and another fleet's CA.
+        for context in (ssl.create_default_context(), other):
+            with pytest.raises(ssl.SSLCertVerificationError):
+                tls_peer(address, context)
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(hostvars["pi_agent_url"] + "/healthz", timeout=30)
+        # Plain HTTP to the agent gets no answer (the token would cross the network in clear).
+        plain = hostvars["pi_agent_url"].replace("https://", "http://") + "/healthz"
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(plain, timeout=30)
+        # What the role wrote: HTTPS, no plain-HTTP switch, the allowlist.
+        config = tomllib.loads(on_board(lab, host, "cat /etc/pi-agent/agent.toml"))
+        assert config["agent"]["tls_cert"] == "/etc/pi-agent/tls.pem"
+        assert config["agent"]["tls_ca"] == "/etc/pi-agent/fleet-ca.pem"
+        assert config["agent"]["allow_plain_http"] is False
+        assert config["store"]["allowlist_file"] == "/etc/pi-agent/allowlist"
+        modes = on_board(lab, host, "stat -c '%n %a %U %G' /etc/pi-agent/tls.key")
+        assert modes.split() == ["/etc/pi-agent/tls.key", "640", "root", "pi-agent"]
 
 
 def agent_call(
@@ -180,7 +265,7 @@ def agent_call(
         headers={"Authorization": f"Bearer {token(host)}", "Content-Type": ctype},
     )  # fmt: skip
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=fleet_tls()) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
@@ -216,8 +301,53 @@ def held_out_json_rows() -> list:
     return [row for row in rows if row.split == "heldout" and row.requires_json]
 
 
+@pytest.fixture(scope="module")
+def teacher_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF as an export (8k context, unlike the student)."""
+    from distill.models import embedded_teacher_gguf
+
+    weights = embedded_teacher_gguf().read_bytes()
+    return make_export(tmp_path_factory.mktemp("teacher") / "dist", weights,
+                       name="smollm2-135m-instruct", quant="Q4_1")  # fmt: skip
+
+
+def test_a_model_off_the_allowlist_is_refused_and_a_rollout_lists_it(
+    lab: Path, student_export: Path, teacher_export: Path
+) -> None:
+    """pi-2's allowlist names what the rollouts deployed: an upload of anything else, token and
+    all, is a 403 and stores nothing; deploy.yml lists the teacher first and then installs it."""
+    manifest = json.loads((teacher_export / "manifest.json").read_text())
+    sha, size = manifest["files"][0]["sha256"], manifest["files"][0]["bytes"]
+    teacher = version_of(teacher_export)
+    listed = allowlist(lab, "pi-2")
+    student_sha = json.loads((student_export / "manifest.json").read_text())["files"][0]["sha256"]
+    assert student_sha in listed and sha not in listed
+    # The upload's head: the agent answers it at once and closes, before any byte of the body.
+    address = lab_hosts(lab)["pi-2"]["ansible_host"]
+    conn = http.client.HTTPSConnection(address, 8470, context=fleet_tls(), timeout=60)
+    try:
+        conn.putrequest("PUT", f"/v1/models/{teacher}?sha256={sha}")
+        for name, value in (("Authorization", f"Bearer {token('pi-2')}"),
+                            ("Content-Type", "application/octet-stream"),
+                            ("Content-Length", str(size))):  # fmt: skip
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        status, answer = response.status, json.loads(response.read())
+    finally:
+        conn.close()
+    assert status == 403, answer
+    assert sha in answer["error"]["message"] and "allowlist" in answer["error"]["message"]
+    assert not holds(lab, "pi-2", teacher_export)
+
+    push = ["-e", json.dumps({"model_sync_sources": [{"type": "push"}]})]
+    run(delivery(lab, teacher_export, "--limit", "pi-2", *push))
+    assert allowlist(lab, "pi-2") == listed | {sha}
+    assert holds(lab, "pi-2", teacher_export)
+
+
 def test_held_out_json_prompts_get_schema_valid_answers_through_response_format(
-    lab: Path, student_export: Path, record_property
+    lab: Path, student_export: Path, teacher_export: Path, record_property
 ) -> None:
     """Every held-out prompt that needs JSON, through pi-2's agent with its schema as OpenAI's
     response_format: at least 99% of the answers validate. The share without response_format
@@ -225,28 +355,29 @@ def test_held_out_json_prompts_get_schema_valid_answers_through_response_format(
 
     The lab's student is the random tiny model, whose 512-token context cannot hold these prompts
     (515 to 623 tokens with their schema): pi-2 serves the embedded SmolLM2-135M-Instruct GGUF
-    (the teacher, 8k context) for the test, uploaded through the agent, then switches back to
-    the student (the teacher's version stays installed as the previous one). The schemas' free
+    (the teacher, 8k context) for the test, installed by the test before (through deploy.yml, which
+    listed it), then switches back to the student (the teacher's version stays installed as the
+    previous one). The schemas' free
     strings and arrays are bounded in the request (``bounded``): a 135M model can loop inside a
     string until max_tokens cuts the JSON short.
     """
     openai = pytest.importorskip("openai")
     jsonschema = pytest.importorskip("jsonschema")
-    from distill.models import embedded_teacher_gguf
+    import httpx
+
     from distill.records import build_messages
 
     rows = held_out_json_rows()
     assert rows, "no held-out requires_json rows in dataset/"
-    weights = embedded_teacher_gguf().read_bytes()
-    sha = hashlib.sha256(weights).hexdigest()
-    teacher = f"smollm2-135m-instruct-{sha[:12]}"
-    status, answer = agent_call(lab, "pi-2", "PUT", f"/v1/models/{teacher}?sha256={sha}", weights,
-                                "application/octet-stream")  # fmt: skip
-    assert status in (201, 409), answer  # 409: installed by an earlier run
+    teacher = version_of(teacher_export)
+    if not holds(lab, "pi-2", teacher_export):  # run alone (-k): install it as the test above does
+        push = ["-e", json.dumps({"model_sync_sources": [{"type": "push"}]})]
+        run(delivery(lab, teacher_export, "--limit", "pi-2", *push))
     status, answer = agent_call(lab, "pi-2", "POST", f"/v1/models/{teacher}/activate")
     assert status == 200, answer
     url = lab_hosts(lab)["pi-2"]["pi_agent_url"]
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=token("pi-2"), timeout=600, max_retries=0)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=token("pi-2"), timeout=600, max_retries=0,
+                           http_client=httpx.Client(verify=fleet_tls(), timeout=600))  # fmt: skip
 
     def valid(text: str | None, schema: dict) -> bool:
         try:
@@ -399,6 +530,28 @@ def test_boards_pull_from_peers_and_a_source_cut_mid_transfer_is_replaced(
     assert "Download the GGUF with aria2, peers 2" in output
     assert link_counter("pi-1") - before < size  # cut off before it sent it all: pi-2 did the rest
     assert holds(lab, "pi-3", export)
+    # The peer token reached aria2c on its standard input: no settings file holds it.
+    for host in ("pi-2", "pi-3"):
+        assert on_board(lab, host, "ls /etc/pi-agent").split() == sorted(
+            ["agent.toml", "allowlist", "fleet-ca.pem", "peer-token", "tls.key", "tls.pem", "token"]
+        )
+
+
+def test_aria2_on_a_board_gets_a_blob_from_a_peer_only_through_the_fleet_ca(lab: Path) -> None:
+    """What the peers source runs, by hand on pi-3 against pi-1's agent: with the fleet's CA the
+    blob comes (a dry run: headers only), with the system's CAs the TLS handshake is refused."""
+    sha = agent_get(lab, "pi-1", "/v1/models")["data"][0]["sha256"]
+    url = f"{lab_hosts(lab)['pi-1']['pi_agent_url']}/v1/blobs/{sha}"
+    script = (
+        "set -e; t=$(cat /etc/pi-agent/peer-token); "
+        "printf '%s\\n  header=Authorization: Bearer %s\\n' " + url + ' "$t" | '
+        "aria2c --input-file=- --dry-run=true --max-tries=1 --console-log-level=error "
+        "--summary-interval=0 --download-result=hide --dir=/tmp {ca} 2>&1; echo exit=$?"
+    )
+    trusted = on_board(lab, "pi-3", script.format(ca="--ca-certificate=/etc/pi-agent/fleet-ca.pem"))
+    assert trusted.strip().endswith("exit=0"), trusted
+    refused = on_board(lab, "pi-3", script.replace("set -e; ", "").format(ca=""))
+    assert "exit=0" not in refused and "handshake" in refused.lower(), refused
 
 
 def test_boards_share_the_model_over_bittorrent_and_a_seed_cut_mid_transfer_is_replaced(

@@ -1,4 +1,7 @@
-"""The dashboard drives a real playbook against the lab: per-host rows reach ok/changed."""
+"""The dashboard against the lab: the run screen drives a real playbook (the agents' provisioning,
+HTTPS certificates from the fleet's CA included) and its per-host rows reach ok/changed; the fleet
+screen then polls every agent over HTTPS, verified against the fleet's CA, and a dashboard that
+trusts another CA is refused by every agent."""
 
 from __future__ import annotations
 
@@ -8,11 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from fleet_helpers import LAB, ROOT
+from fleet_helpers import LAB, ROOT, foreign_ca
 from fleet_helpers import run as run_command
 from textual.widgets import Input
 
+from tui.agent import Tokens
 from tui.app import FleetApp
+from tui.screens.fleet import FleetScreen
 from tui.screens.run import RunScreen
 from tui.settings import Settings
 from tui.testing import until
@@ -38,7 +43,8 @@ def lab_hosts(inventory: Path) -> list[str]:
 
 
 async def test_the_run_screen_provisions_the_lab(lab: Path, tmp_path: Path) -> None:
-    # test_lab.py ends by taking the lab down: bring it (back) up, a no-op when it is up.
+    # test_lab.py ends by taking the lab down: bring it (back) up, a no-op when it is up. The
+    # agents (not zram, llama.cpp) are provisioned: the fleet screen's test below polls them.
     run_command([sys.executable, str(LAB), "up", "--hosts", "3"], timeout=600)
     hosts = lab_hosts(lab)
     assert len(hosts) >= 2
@@ -49,7 +55,7 @@ async def test_the_run_screen_provisions_the_lab(lab: Path, tmp_path: Path) -> N
         assert isinstance(run, RunScreen)
         await until(pilot, lambda: app.screen is run, timeout=20)
         run.query_one("#playbook").value = str(ROOT / "playbooks" / "provision.yml")
-        run.query_one("#tags", Input).value = "zram"
+        run.query_one("#tags", Input).value = "pi_agent"
         await pilot.press("ctrl+r")
         await until(pilot, lambda: run.finished is not None, timeout=600)
         assert run.finished.status == "successful", app.errors
@@ -63,3 +69,34 @@ async def test_the_run_screen_provisions_the_lab(lab: Path, tmp_path: Path) -> N
         for host in hosts:
             assert recap[host].get("failures", 0) == 0
             assert recap[host].get("unreachable", 0) == 0
+
+
+def poll_once(settings: Settings) -> FleetApp:
+    return FleetApp(Settings(**{**settings.__dict__, "refresh_s": 0.0}), mode="fleet")
+
+
+async def test_the_fleet_screen_polls_the_agents_over_https(lab: Path, tmp_path: Path) -> None:
+    """Runs after the test above (the agents up). Each agent's status comes over HTTPS through
+    the fleet's CA (found in the cache, as fleet-tui finds it); with another fleet's CA given as
+    --ca-file, every agent is refused as untrusted."""
+    hosts = lab_hosts(lab)
+    cache = ROOT / ".cache"
+    settings = Settings(project_dir=ROOT, inventory=(lab,),
+                        tokens=Tokens(token_dir=cache / "fleet" / "tokens"))  # fmt: skip
+    assert settings.agent_ca() == cache / "fleet" / "ca" / "ca.pem"
+    app = poll_once(settings)
+    async with app.run_test(size=(160, 48)) as pilot:
+        screen = app.get_screen("fleet")
+        assert isinstance(screen, FleetScreen)
+        await until(pilot, lambda: screen.polls >= 1, timeout=120)
+        updates = {name: screen.statuses[name] for name in hosts}
+    assert {name: u.error for name, u in updates.items()} == dict.fromkeys(hosts, "")
+    assert {name: u.status.host for name, u in updates.items()} == {name: name for name in hosts}
+
+    app = poll_once(Settings(**{**settings.__dict__, "ca_file": foreign_ca(tmp_path)}))
+    async with app.run_test(size=(160, 48)) as pilot:
+        screen = app.get_screen("fleet")
+        assert isinstance(screen, FleetScreen)
+        await until(pilot, lambda: screen.polls >= 1, timeout=120)
+        errors = {name: screen.statuses[name].error for name in hosts}
+    assert all(e.startswith("certificate not trusted") for e in errors.values()), errors
