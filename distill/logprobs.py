@@ -15,8 +15,9 @@ between the two leaves blocks that no row points at; the next run cuts the file 
 of the last block a row points at (:func:`repair`), and the rows it redoes append new blocks.
 A block's CRC-32 in the row catches a file that was swapped or damaged since.
 
-Which distribution: the one the answer was generated from, after the logits processors that
-shaped it (repetition penalty, the JSON grammar), at temperature 1. For a ``requires_json`` row
+Which distribution: the teacher's own at temperature 1, under the JSON grammar, before the loop
+guards (repetition penalty, no-repeat n-gram) that steered which token was picked, so the picked
+token need not be its best (:mod:`distill.label.teacher_hf`). For a ``requires_json`` row
 that is the teacher's distribution renormalised over what the grammar allows, so a student
 learning it learns to stay inside the schema; tokens the grammar forbids have no mass. The
 OpenAI-compatible backend records what the server returns (llama-server's ``top_logprobs`` are

@@ -202,7 +202,7 @@ def label(
             "file": args.logprobs_path.name,
             "distribution": "server top_logprobs"
             if labeller.get("backend") == "openai"
-            else "after penalties and grammar, temperature 1",
+            else "the teacher's own under the grammar, before the loop guards, temperature 1",
         }
     log.info("teacher: %s", labeller)
     gate = Gate(args.quality_gate, args.max_repeat_ratio, args.reject_truncated, args.language)

@@ -271,6 +271,9 @@ def test_logprobs_are_recorded_per_answer_token(tmp_path: Path, tiny_model: Path
         quality_gate=False,
         json_retries=0,  # a retry samples; the greedy check below holds for first attempts
         logprobs=5,
+        # Without the loop guards, the greedy pick is the best of the recorded distribution.
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
     )
     summary = label_stage.label(args)
     assert summary.labelled == 5 and summary.logprobs == str(args.logprobs_path)
@@ -292,6 +295,57 @@ def test_logprobs_are_recorded_per_answer_token(tmp_path: Path, tiny_model: Path
         if row.requires_json:
             # Under the grammar, the forbidden tokens have no mass: the top few hold it all.
             assert np.exp(block.top_logprobs).sum(axis=1).min() > 0.999
+
+
+def test_recorded_logprobs_are_the_teachers_own_not_the_loop_guards(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """With the repetition penalty and no-repeat n-gram on, what is stored is still the
+    teacher's distribution: the same as reading prompt + answer teacher-forced."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.logprobs import read_for
+    from distill.records import render_prompt
+
+    source = prompts(tmp_path / "in.jsonl", n=4, json_every=0)
+    args = LabelArgs(
+        input=source,
+        output=tmp_path / "out.jsonl",
+        teacher=str(tiny_model),
+        dtype="float32",
+        batch_size=1,
+        max_new_tokens=24,
+        quality_gate=False,
+        logprobs=5,
+        repetition_penalty=2.0,
+        no_repeat_ngram_size=2,
+    )
+    assert label_stage.label(args).labelled == 4
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    steered = 0
+    for row in read_records(args.output):
+        assert (
+            "before the loop guards"
+            in row.metadata["provenance"]["labeller"]["logprobs"]["distribution"]
+        )
+        block = read_for(row)
+        assert block is not None
+        style = row.metadata["provenance"]["labeller"]["prompt_style"]
+        prompt = tokenizer(
+            render_prompt(row, style, tokenizer), add_special_tokens=style == "plain"
+        )
+        ids = torch.tensor([prompt["input_ids"] + block.token_ids.tolist()])
+        with torch.inference_mode():
+            logits = model(ids).logits[0, len(prompt["input_ids"]) - 1 : -1]
+        own = torch.log_softmax(logits.float(), dim=-1).numpy()
+        stored = np.take_along_axis(own, block.top_ids.astype(np.int64), axis=1)
+        assert np.allclose(block.top_logprobs, stored, atol=2e-2)  # float16 on disk
+        assert (block.top_ids[:, 0] == own.argmax(axis=1)).all()
+        steered += int((block.top_ids[:, 0] != block.token_ids).sum())
+    # The guards did steer the picks away from the teacher's best somewhere.
+    assert steered > 0
 
 
 def test_user_only_and_conversation_rows_are_labelled_on_the_last_user_turn(
