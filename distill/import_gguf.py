@@ -65,7 +65,9 @@ class ImportGgufArgs:
 
     gguf: str = arg(help="the GGUF: a local file, an http(s) URL, or a hub id (org/name)")
     output_dir: Path = arg(help="export folder to write: the GGUF, its .sha256, manifest.json")
-    name: str | None = arg(None, help="file name stem (default: the GGUF's general.name)")
+    name: str | None = arg(
+        None, help="file name stem (default: the GGUF's file name without its quant suffix)"
+    )
     quant: str | None = arg(
         None, help="quant label of the file (default: from general.file_type, e.g. Q4_K_M)"
     )

@@ -2,7 +2,7 @@
 
     >>> from distill.ops import build
     >>> build("label", input="dataset/quebecois_distill.jsonl", output="out.jsonl",
-    ...       batch_size=32).argv
+    ...       batch_size=32).argv  # doctest: +NORMALIZE_WHITESPACE
     ['distill', 'label', '--input', 'dataset/quebecois_distill.jsonl', '--output', 'out.jsonl',
      '--batch-size', '32']
 
