@@ -6,6 +6,7 @@ trusts another CA is refused by every agent."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,10 +81,11 @@ async def test_the_fleet_screen_polls_the_agents_over_https(lab: Path, tmp_path:
     the fleet's CA (found in the cache, as fleet-tui finds it); with another fleet's CA given as
     --ca-file, every agent is refused as untrusted."""
     hosts = lab_hosts(lab)
-    cache = ROOT / ".cache"
+    cache = Path(os.environ.get("PIDISTILL_CACHE_DIR") or ROOT / ".cache")  # as the roles have it
     settings = Settings(project_dir=ROOT, inventory=(lab,),
                         tokens=Tokens(token_dir=cache / "fleet" / "tokens"))  # fmt: skip
-    assert settings.agent_ca() == cache / "fleet" / "ca" / "ca.pem"
+    found = settings.agent_ca()
+    assert found is not None and found.resolve() == (cache / "fleet" / "ca" / "ca.pem").resolve()
     app = poll_once(settings)
     async with app.run_test(size=(160, 48)) as pilot:
         screen = app.get_screen("fleet")
