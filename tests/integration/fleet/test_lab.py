@@ -554,6 +554,49 @@ def test_aria2_on_a_board_gets_a_blob_from_a_peer_only_through_the_fleet_ca(lab:
     assert "exit=0" not in refused and "handshake" in refused.lower(), refused
 
 
+# The sockets a stand-in listens on (/proc/net/tcp and tcp6, state LISTEN), as (address, port).
+LISTENERS = r"""
+import ipaddress
+for name, size in (("tcp", 4), ("tcp6", 16)):
+    for line in open(f"/proc/net/{name}").readlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A":
+            raw, port = local.split(":")
+            packed = b"".join(bytes.fromhex(raw[i:i + 8])[::-1] for i in range(0, len(raw), 8))
+            print(ipaddress.ip_address(packed[:size]), int(port, 16))
+"""
+
+
+def on_stand_in(host: str, *argv: str) -> str:
+    """A command's output inside a stand-in, as root (podman exec: no SSH, no Ansible)."""
+    done = subprocess.run(["podman", "--runtime", "runc", "exec", f"pidistill-{host}", *argv],
+                          capture_output=True, text=True, env=fleet_env(), check=True)  # fmt: skip
+    return done.stdout
+
+
+def check_swarm_confined(inventory: Path, host: str) -> None:
+    """The torrent source's seed and tracker on ``host`` run as the agent's user, unprivileged,
+    behind the address allow list, listening on the board's fleet address only."""
+    units = on_stand_in(host, "systemctl", "list-units", "--plain", "--no-legend", "pidistill-*")
+    names = [line.split()[0] for line in units.splitlines()]
+    assert "pidistill-tracker.service" in names
+    assert any(name.startswith("pidistill-seed-") for name in names), names
+    expected = {"User": "pi-agent", "NoNewPrivileges": "yes", "CapabilityBoundingSet": "",
+                "IPAddressDeny": "0.0.0.0/0 ::/0", "ProtectSystem": "strict"}  # fmt: skip
+    for name in names:
+        shown = on_stand_in(host, "systemctl", "show", name, f"--property={','.join(expected)}")
+        assert dict(line.split("=", 1) for line in shown.splitlines()) == expected, (name, shown)
+    users = on_stand_in(host, "ps", "-o", "user=", "-C", "aria2c,opentracker").split()
+    assert users and set(users) == {"pi-agent"}, users
+    address = lab_hosts(inventory)[host]["ansible_host"]
+    swarm_ports = {6969, *range(6881, 6890)}  # the tracker's and aria2c's (model_sync defaults)
+    sockets = on_stand_in(host, "python3", "-c", LISTENERS)
+    listening = [line.split() for line in sockets.splitlines()]
+    swarm = {(addr, int(port)) for addr, port in listening if int(port) in swarm_ports}
+    assert (address, 6969) in swarm, listening
+    assert {addr for addr, _ in swarm} == {address}, listening  # not 0.0.0.0, not ::
+
+
 def test_boards_share_the_model_over_bittorrent_and_a_seed_cut_mid_transfer_is_replaced(
     lab: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -568,6 +611,14 @@ def test_boards_share_the_model_over_bittorrent_and_a_seed_cut_mid_transfer_is_r
     assert holds(lab, "pi-1", export) and holds(lab, "pi-2", export)
     assert link_counter("pi-1") - served > size  # pi-1 seeded it (to pi-2)
     assert (export / ".torrents").is_dir()  # the .torrent, made once on the workstation
+    # Private (mktorrent -p): clients keep it off DHT and peer exchange.
+    (torrent,) = (export / ".torrents").glob("*.torrent")
+    assert b"7:privatei1e" in torrent.read_bytes()
+    # Seed and tracker (pi-1) confined; pi-2's download ran as the agent's user: the agent moved
+    # the file aria2c wrote into its store, owner and all.
+    check_swarm_confined(lab, "pi-1")
+    stored = f"/var/lib/pi-agent/models/versions/{version_of(export)}/model.gguf"
+    assert on_stand_in("pi-2", "stat", "-c", "%U", stored).strip() == "pi-agent"
 
     # pi-3 downloads from both seeds (pi-1 and pi-2 hold it); pi-1's link goes down after 1 MB.
     before = {host: link_counter(host) for host in ("pi-1", "pi-2")}
