@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pi_agent import tls
 from pi_agent.config import load
@@ -296,26 +297,35 @@ def test_url_installs_verify_https_against_tls_ca(tmp_path: Path, pki: Pki, http
         assert status == 201 and answer["sha256"] == sha
 
 
-def test_the_role_template_allows_plain_http_for_now() -> None:
+def test_the_role_serves_https_unless_its_tls_opt_out_is_set() -> None:
+    """roles/pi_agent: allow_plain_http is ``not pi_agent_tls`` (default true: HTTPS only),
+    and agent.toml.j2 writes it as a TOML boolean."""
     jinja2 = pytest.importorskip("jinja2")
+    from jinja2.nativetypes import NativeEnvironment
+
     root = Path(__file__).resolve().parents[3]
-    template = (root / "roles/pi_agent/templates/agent.toml.j2").read_text()
+    role = root / "roles" / "pi_agent"
+    defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text())
+    assert defaults["pi_agent_tls"] is True
+    agent = yaml.safe_load((role / "vars" / "main.yml").read_text())["_pi_agent_settings"]["agent"]
+    native = NativeEnvironment()  # as Ansible evaluates a variable that is one expression
+    native.filters["bool"] = bool
+    plain = {
+        tls: native.from_string(agent["allow_plain_http"]).render(pi_agent_tls=tls)
+        for tls in (True, False)
+    }
+    assert plain == {True: False, False: True}
+
+    template = (role / "templates" / "agent.toml.j2").read_text()
     env = jinja2.Environment(trim_blocks=True)  # as Ansible's template module renders
     env.filters["comment"] = lambda text: f"# {text}"
     env.filters["to_json"] = json.dumps
-    env.filters["combine"] = lambda base, over: {**base, **over}  # Ansible's, one level
-    settings = {"agent": {"listen": "0.0.0.0", "port": 8470}, "store": {"keep_versions": 3}}
-    text = env.from_string(template).render(
-        ansible_managed="managed", _pi_agent_all_settings=settings
-    )
-    parsed = tomllib.loads(text)
-    assert parsed["agent"]["allow_plain_http"] is True
-    assert "allow_plain_http" not in parsed["store"]
-    settings["agent"]["allow_plain_http"] = False  # pi_agent_config may turn it off
-    text = env.from_string(template).render(
-        ansible_managed="managed", _pi_agent_all_settings=settings
-    )
-    assert tomllib.loads(text)["agent"]["allow_plain_http"] is False
+    for allowed in (False, True):
+        settings = {"agent": {"listen": "0.0.0.0", "allow_plain_http": allowed}, "store": {}}
+        text = env.from_string(template).render(
+            ansible_managed="managed", _pi_agent_all_settings=settings
+        )
+        assert tomllib.loads(text)["agent"]["allow_plain_http"] is allowed
 
 
 def test_a_tls_client_that_hangs_up_mid_blob_leaks_nothing(agent: AgentProcess) -> None:
