@@ -18,7 +18,7 @@ APT_PACKAGES := build-essential cmake ccache git python3-venv podman runc deboot
 STAMP_APT := $(PIDISTILL_CACHE_DIR)/apt.stamp
 STAMP_VENV := $(VENV)/.installed
 
-.PHONY: help venv apt llamacpp demo test test-fast lint bench clean teacher lab-up lab-down fleet-demo bench-fleet release
+.PHONY: help venv apt llamacpp demo test test-arm64 test-fast lint bench clean teacher lab-up lab-down fleet-demo bench-fleet release
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -58,8 +58,11 @@ release: $(STAMP_VENV) llamacpp ## label, train, export, eval on the embedded de
 	DEMO_RUN_DIR=$(RELEASE_RUN_DIR) DEMO_FLEET_SIZE=0 $(BIN)/python -m distill.demo
 	$(BIN)/python -m distill.release --run-dir $(RELEASE_RUN_DIR) --out dist
 
-test: $(STAMP_VENV) llamacpp ## run every test (slow ones included)
-	$(BIN)/pytest
+test: $(STAMP_VENV) llamacpp ## run every test (slow ones included) but the arm64 emulation ones
+	$(BIN)/pytest -m "not emulation"
+
+test-arm64: $(STAMP_VENV) ## the arm64 stand-ins under qemu (the first run builds their root fs)
+	$(BIN)/pytest -m emulation
 
 test-fast: $(STAMP_VENV) ## skip the slow tests
 	$(BIN)/pytest -m "not slow"

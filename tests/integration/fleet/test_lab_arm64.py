@@ -19,7 +19,7 @@ from fleet_helpers import LAB, ROOT, fleet_env, require_container_tools, run
 
 from pi_agent.regressor import Regressor, read_reference
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.emulation]
 
 HOSTS = {"pi-1": "pi4", "pi-2": "pi5"}
 MODELS = {"pi4": "Raspberry Pi 4 Model B Rev 1.5", "pi5": "Raspberry Pi 5 Model B Rev 1.0"}
