@@ -10,8 +10,9 @@ the sdist version and the llama.cpp commit it vendors.
 
 Only the needed targets are built, without the web UI (whose build would download it), tests or
 examples, statically linked so the binaries can be copied to same-architecture hosts. When
-``ccache`` is installed, compiles go through it (its cache under ``<cache>/llama.cpp/ccache``):
-the OpenBLAS variant then recompiles only what ``GGML_USE_BLAS`` changes, not ggml's CPU kernels.
+``ccache`` is installed, compiles go through it (its cache under ``<cache>/llama.cpp/ccache``),
+so the OpenBLAS variant can take ggml's CPU kernels from the native build: they are compiled
+with the same flags; only ``GGML_USE_BLAS`` parts differ (the gain is not measured yet).
 ``$PIDISTILL_LLAMA_CPP_BIN`` points at an existing build instead.
 """
 
