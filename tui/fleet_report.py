@@ -1,7 +1,8 @@
-"""The fleet benchmark report from the summaries the bench role fetched, on the workstation.
+"""``fleet-report``: the fleet benchmark report from the summaries the bench role fetched, on the
+workstation (the role runs this installed command).
 
-    python fleet_report.py --results results --hosts pi-1 pi-2 pi-3
-    python fleet_report.py --results results --hosts pi-1 --csv out.csv --md out.md --png out.png
+    fleet-report --results results --hosts pi-1 pi-2 pi-3
+    fleet-report --results results --hosts pi-1 --csv out.csv --md out.md --png out.png
 
 Reads each host's newest ``results/<host>/<timestamp>.json`` (the agent's benchmark summary, with
 the model's name added by the role) and writes the report that the TUI's bench screen reads (CSV

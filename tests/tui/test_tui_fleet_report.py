@@ -1,4 +1,4 @@
-"""The bench role's report builder (roles/bench/files/fleet_report.py) on fetched summaries.
+"""``fleet-report`` (tui.fleet_report), the bench role's report builder, on fetched summaries.
 
 Fast: no lab. The CSV must be what the TUI reads (tui.report), and a second build of the same
 results must write nothing (site.yml's second run reports changed=0).
@@ -6,24 +6,18 @@ results must write nothing (site.yml's second run reports changed=0).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-from fleet_helpers import ROOT
 
+from tui import fleet_report as fleet_report_module
 from tui.report import read_report
-
-SCRIPT = ROOT / "roles" / "bench" / "files" / "fleet_report.py"
 
 
 @pytest.fixture(scope="module")
 def fleet_report():
-    spec = importlib.util.spec_from_file_location("fleet_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fleet_report_module
 
 
 def summary(board: str, tg: float, predicted: float | None, passed: bool) -> dict:
