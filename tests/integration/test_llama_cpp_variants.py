@@ -15,7 +15,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "roles" / "llama_cpp" / "files" /
 
 @pytest.mark.slow
 def test_real_llama_bench_outputs_of_both_builds(pi_agent_tiny_gguf: Path) -> None:
-    llamacpp = pytest.importorskip("distill.llamacpp")
+    from distill import llamacpp
+
     outputs = {}
     for variant in ("native", "openblas"):
         # llama-bench alone: the OpenBLAS build of llama-server would add minutes to CI.

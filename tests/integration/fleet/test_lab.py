@@ -157,7 +157,9 @@ def test_a_stand_in_whose_systemd_dies_while_booting_is_recreated_once(
 def test_site_serves_and_benchmarks_the_lab_and_a_second_run_changes_nothing(
     lab: Path, student_export: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    pytest.importorskip("distill.llamacpp").require_tools()  # seeds the stand-ins' class
+    from distill import llamacpp
+
+    llamacpp.require_tools()  # seeds the stand-ins' class
     results = tmp_path_factory.mktemp("results")
     cmd = site(lab, student_export, results)
     started = time.monotonic()
@@ -195,8 +197,8 @@ def test_site_serves_and_benchmarks_the_lab_and_a_second_run_changes_nothing(
 def test_an_openai_client_gets_text_from_the_deployed_student(
     lab: Path, student_export: Path
 ) -> None:
-    openai = pytest.importorskip("openai")
     import httpx
+    import openai
 
     url = lab_hosts(lab)["pi-2"]["pi_agent_url"]
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=token("pi-2"), timeout=60,
@@ -361,9 +363,9 @@ def test_held_out_json_prompts_get_schema_valid_answers_through_response_format(
     strings and arrays are bounded in the request (``bounded``): a 135M model can loop inside a
     string until max_tokens cuts the JSON short.
     """
-    openai = pytest.importorskip("openai")
-    jsonschema = pytest.importorskip("jsonschema")
     import httpx
+    import jsonschema
+    import openai
 
     from distill.records import build_messages
 

@@ -300,7 +300,7 @@ def test_url_installs_verify_https_against_tls_ca(tmp_path: Path, pki: Pki, http
 def test_the_role_serves_https_unless_its_tls_opt_out_is_set() -> None:
     """roles/pi_agent: allow_plain_http is ``not pi_agent_tls`` (default true: HTTPS only),
     and agent.toml.j2 writes it as a TOML boolean."""
-    jinja2 = pytest.importorskip("jinja2")
+    import jinja2
     from jinja2.nativetypes import NativeEnvironment
 
     root = Path(__file__).resolve().parents[3]
