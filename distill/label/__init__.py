@@ -5,6 +5,8 @@
         --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct --revision main --batch-size 32
     distill label --input prompts.jsonl --output out.jsonl --teacher-url http://127.0.0.1:8080 \\
         --concurrency 8            # llama-server, vLLM, ollama: any OpenAI-compatible server
+    distill label --input prompts.jsonl --output out.jsonl \
+        --teacher-url http://gpu1:8080#8,http://gpu2:8080#2   # two servers, 8 and 2 at a time
     distill label --input prompts.jsonl --output out.jsonl --logprobs 20   # the top 20 kept
     distill label --input prompts.jsonl --output out.jsonl --skip-existing   # resume after a crash
 
@@ -14,9 +16,10 @@ answers the last user turn; a ``reference`` answer that came with the row is nev
 
 Two backends (:mod:`distill.label.teacher_hf`, :mod:`distill.label.teacher_openai`).
 ``transformers`` loads a local directory or hub id and feeds ``generate`` prompts sorted by
-length in left-padded batches. ``openai`` sends the rows to an OpenAI-compatible server, several
-requests at a time. With neither ``--teacher`` nor ``--teacher-url``, the embedded
-SmolLM2-135M-Instruct teacher answers.
+length in left-padded batches. ``openai`` sends the rows to OpenAI-compatible servers, several
+requests at a time, spread by load (:mod:`distill.label.servers`: failover, ``Retry-After``).
+With neither ``--teacher`` nor ``--teacher-url``, the embedded SmolLM2-135M-Instruct teacher
+answers.
 
 ``requires_json`` rows: generation is held to the row's ``json_schema`` (xgrammar for
 transformers, ``response_format`` for a server; ``--no-constrain-json`` turns it off); the

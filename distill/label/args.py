@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from distill.argspec import arg
+from distill.label.servers import parse_teacher_urls
 from distill.records import PROMPT_STYLES, Record
 
 # OpenAI's API allows at most 20 top_logprobs; the same bound keeps the local backend's
@@ -37,7 +38,10 @@ class LabelArgs:
         None, help="hub token for private models (or $HF_TOKEN)", secret=True, env="HF_TOKEN"
     )
     teacher_url: str | None = arg(
-        None, help="base URL of an OpenAI-compatible server (llama-server, vLLM, ollama)"
+        None,
+        help="base URL of an OpenAI-compatible server (llama-server, vLLM, ollama); several "
+        "separated by commas, each with its own concurrency after '#': "
+        "http://gpu1:8080#8,http://gpu2:8080#2",
     )
     teacher_model: str = arg("teacher", help="model name sent to the --teacher-url server")
     teacher_tokenizer: str | None = arg(
@@ -51,7 +55,9 @@ class LabelArgs:
         secret=True,
         env="OPENAI_API_KEY",
     )
-    concurrency: int = arg(4, help="parallel requests to --teacher-url")
+    concurrency: int = arg(
+        4, help="parallel requests to each --teacher-url server that has no #N of its own"
+    )
     request_timeout: float = arg(300.0, help="seconds before a --teacher-url request fails")
     prompt_style: str = arg(
         "auto",
@@ -143,6 +149,8 @@ class LabelArgs:
             raise ValueError("--limit must be positive")
         if self.teacher and self.teacher_url:
             raise ValueError("--teacher and --teacher-url are two different teachers: pick one")
+        if self.teacher_url is not None:
+            parse_teacher_urls(self.teacher_url, self.concurrency)  # a bad URL fails here
         if self.skip_existing and self.overwrite:
             raise ValueError("--skip-existing resumes, --overwrite starts again: pick one")
         self.input = Path(self.input)
@@ -202,6 +210,8 @@ class Answer:
     trimmed: Answer | None = None
     # On a trimmed answer: how many tokens were generated before it was cut back.
     cut_from: int | None = None
+    # The server that answered (--teacher-url), recorded in the row's provenance.
+    server: str | None = None
 
 
 class Teacher(Protocol):

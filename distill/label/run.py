@@ -56,6 +56,8 @@ class Summary:
     logprobs: str = ""
     skipped_ids: list[str] = field(default_factory=list)
     reasons: Counter[str] = field(default_factory=Counter)
+    # --teacher-url: per server, requests answered and failed, times taken out.
+    servers: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -80,6 +82,8 @@ class Summary:
         }
         if self.logprobs:
             out["logprobs"] = self.logprobs
+        if self.servers:
+            out["servers"] = self.servers
         return out
 
 
@@ -115,6 +119,8 @@ def _provenance(
         "attempts": attempts,
         "labelled_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if answer.server:  # of several --teacher-url servers, the one that answered
+        provenance["labeller"]["server"] = answer.server
     if answer.cut_from is not None:  # cut by --max-new-tokens, kept to its last sentence
         provenance["labeller"]["trimmed"] = {"from_tokens": answer.cut_from, "to": answer.tokens}
     metadata["provenance"] = provenance
@@ -244,6 +250,10 @@ def label(
                 progress(summary.labelled + summary.rejected, len(todo))
     finally:
         bar.close()
+        server_stats = getattr(teacher, "server_stats", None)  # the OpenAI teacher's pool
+        if server_stats:
+            summary.servers = server_stats()
+            log.info("teacher servers: %s", summary.servers)
     if summary.reasons:
         log.info("rejected by reason: %s", dict(summary.reasons.most_common()))
     _finish(args, records)
