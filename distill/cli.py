@@ -10,6 +10,8 @@
 Bad input ends with one line ``path:line: field: problem`` and exit code 2; a stage that fails
 while running (teacher unreachable, a tool that failed) exits 1. ``--debug`` shows tracebacks.
 Each stage prints its summary as one JSON line on stdout; logs and progress go to stderr.
+Under a launcher (``torchrun -m distill.cli train ...``) only rank 0 logs below warnings and
+prints the summary.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -109,11 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``distill``; returns the exit code."""
     parser = _parser()
     namespace = parser.parse_args(argv)
+    # torchrun and accelerate launch set RANK; the other processes would repeat rank 0's lines.
+    main_rank = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(
         level=logging.DEBUG
         if namespace.debug
         else logging.WARNING
-        if namespace.quiet
+        if namespace.quiet or not main_rank
         else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
@@ -136,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err).strip() or type(err).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_FAILED
-    print(json.dumps(summary, ensure_ascii=False))
+    if main_rank:
+        print(json.dumps(summary, ensure_ascii=False))
     return 0
 
 

@@ -7,6 +7,7 @@
     distill train --data labelled.jsonl --output runs/s --loss kd  # rows labelled with --logprobs
     distill train --data labelled.jsonl --output runs/s --loss mix --kd-weight 0.3 --on-policy 0.5 \
         --teacher-model embedded:smollm2-135m-instruct             # GKD: the student samples
+    torchrun --nproc-per-node 4 -m distill.cli train --data labelled.jsonl --output runs/s
 
 Each training sequence is exactly the prompt the teacher saw (``distill.records.render_prompt``,
 in the style the labeller recorded in ``metadata.provenance.labeller.prompt_style``) followed by
@@ -27,8 +28,8 @@ The output directory holds what the run made and how::
 The package follows the stage's steps: ``args`` (the flags), ``teacher`` (the teacher's
 targets), ``data`` (packing, batches), ``model`` (the student's base, adapters), ``device``
 (device plan, autotuning, fused kernels, checkpointing), ``losses``, ``onpolicy``, ``loop`` (the
-Trainer), ``merge`` (merged model and tokenizer) and ``stage`` (:func:`run`, which takes them in
-order).
+Trainer), ``merge`` (merged model and tokenizer), ``ranks`` (several processes: only rank 0
+writes) and ``stage`` (:func:`run`, which takes them in order).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distill.train.args import TrainArgs, TrainError
+from distill.train.ranks import ranks
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class DevicePlan:
     checkpoint_fraction: float
     fused_kernels: bool
     tuned: bool = False
+    processes: int = 1  # data-parallel processes (torchrun, accelerate launch)
 
     def as_dict(self) -> dict[str, Any]:
         """For logs and the run record."""
@@ -36,13 +38,19 @@ class DevicePlan:
 
 
 def pick_device(requested: str = "auto") -> str:
-    """``cuda`` when one is usable and not refused, else ``cpu``."""
+    """``cuda`` when one is usable and not refused, else ``cpu``.
+
+    Under a launcher (torchrun, accelerate launch), ``cuda`` is the GPU of the local rank.
+    """
     import torch
 
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError(f"device {requested}: no CUDA device is available")
+    here = ranks()
+    if requested == "cuda" and here.distributed:
+        return f"cuda:{here.local_rank}"
     return requested
 
 
@@ -297,4 +305,5 @@ def plan_device(args: TrainArgs, longest: int) -> DevicePlan:
         packing=packing,
         checkpoint_fraction=fraction,
         fused_kernels=fused,
+        processes=ranks().world_size,
     )

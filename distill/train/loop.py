@@ -16,6 +16,7 @@ from distill.train.data import Collator, ListDataset, pack
 from distill.train.device import DevicePlan
 from distill.train.losses import Objective
 from distill.train.onpolicy import OnPolicy
+from distill.train.ranks import ranks
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,15 @@ def train_loop(
 
     items: list[Any] = pack(examples, args.max_length) if plan.packing else examples
     cuda = plan.device.startswith("cuda")
-    steps_per_epoch = max(1, math.ceil(len(items) / (plan.batch_size * args.grad_accum)))
+    here = ranks()
+    # Each optimizer step takes a batch from every process (the Trainer shards the data).
+    per_step = plan.batch_size * args.grad_accum * here.world_size
+    steps_per_epoch = max(1, math.ceil(len(items) / per_step))
     total_steps = args.max_steps or math.ceil(steps_per_epoch * args.epochs)
     checkpoints = args.output / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(checkpoints / "pidistill_config.json", describe(args))
+    if here.main:  # the Trainer writes its checkpoints from rank 0 too
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(checkpoints / "pidistill_config.json", describe(args))
     save = {"save_strategy": "steps", "save_steps": args.save_steps} if args.save_steps else {}
     training_args = TrainingArguments(
         output_dir=str(checkpoints),
@@ -131,6 +136,8 @@ def train_loop(
         dataloader_pin_memory=cuda,
         disable_tqdm=True,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
+        # Every adapter weight takes part in each forward: no search for unused ones under DDP.
+        ddp_find_unused_parameters=False,
     )
     objective = objective or Objective()
     collator = Collator(
@@ -170,9 +177,7 @@ def train_loop(
     state = trainer.state
     start_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
     steps_run = state.global_step - start_step
-    tokens_per_step = (
-        sum(len(e.input_ids) for e in examples) / max(1, len(items)) * plan.batch_size
-    ) * args.grad_accum
+    tokens_per_step = sum(len(e.input_ids) for e in examples) / max(1, len(items)) * per_step
     return {
         "steps": state.global_step,
         "resumed_from_step": start_step or None,

@@ -18,6 +18,7 @@ from distill.train.device import (
     apply_fused_kernels,
     autotune,
     default_budget_gib,
+    pick_device,
     plan_device,
     set_checkpointing,
 )
@@ -26,6 +27,7 @@ from distill.train.losses import Objective, teacher_kl
 from distill.train.merge import merge_adapter, save_tokenizer
 from distill.train.model import add_adapters, load_model, prepare_base
 from distill.train.onpolicy import OnPolicy, load_teacher, stop_ids
+from distill.train.ranks import barrier, finish, from_main, main_first, start
 from distill.train.teacher import (
     check_rows,
     check_vocabulary,
@@ -80,7 +82,11 @@ def _check_run_dir(args: TrainArgs) -> None:
 
 
 def run(args: TrainArgs) -> dict[str, Any]:
-    """Train, merge and write the run directory; return the summary."""
+    """Train, merge and write the run directory; return the summary.
+
+    Under a launcher every process trains and only rank 0 writes (:mod:`distill.train.ranks`);
+    each returns the same summary once the run directory is complete.
+    """
     from distill.records import atomic_write_json
 
     started = time.perf_counter()
@@ -92,8 +98,11 @@ def run(args: TrainArgs) -> dict[str, Any]:
         raise TrainError("no rows with split train in " + ", ".join(map(str, args.data)))
     objective = Objective(args.loss, args.kd_temperature, args.kd_weight)
     teacher = _check_teacher(args, records) if objective.uses_teacher else None
-    _check_run_dir(args)
-    args.output.mkdir(parents=True, exist_ok=True)
+    here = start(cuda=pick_device(args.device).startswith("cuda"))
+    if here.main:
+        _check_run_dir(args)
+        args.output.mkdir(parents=True, exist_ok=True)
+    barrier()
 
     import torch
     import transformers
@@ -103,7 +112,8 @@ def run(args: TrainArgs) -> dict[str, Any]:
     from distill.encoding import answer_perplexity
 
     transformers.set_seed(args.seed)
-    base_path, base_info = prepare_base(args, args.output)
+    with main_first():  # a layer-dropped base is written once, by rank 0
+        base_path, base_info = prepare_base(args, args.output)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
@@ -164,6 +174,10 @@ def run(args: TrainArgs) -> dict[str, Any]:
             plan.batch_size = best.batch_size
             plan.checkpoint_fraction = best.checkpoint_fraction
             plan.tuned = True
+        # Each GPU tuned itself; they must agree, or their step counts (and DDP) part ways.
+        plan.batch_size, plan.checkpoint_fraction, plan.tuned = from_main(
+            (plan.batch_size, plan.checkpoint_fraction, plan.tuned)
+        )
     checkpointed = set_checkpointing(model, plan.checkpoint_fraction)
     log.info("device plan: %s (%d layers checkpointed)", plan.as_dict(), checkpointed)
 
@@ -202,11 +216,15 @@ def run(args: TrainArgs) -> dict[str, Any]:
         log.info("KL to the teacher's targets: %s", teacher["kl_to_teacher"])
 
     adapter_dir = args.output / "adapter"
+    model_dir = args.output / "model"
+    if not here.main:
+        del model
+        finish()  # waits for rank 0 to write the run directory
+        return summary(json.loads((args.output / "training_record.json").read_text()))
     model.save_pretrained(adapter_dir)
     del model
     if cuda:
         torch.cuda.empty_cache()
-    model_dir = args.output / "model"
     merge = merge_adapter(
         base_path, adapter_dir, model_dir, args.method, args.save_dtype, heldout_examples
     )
@@ -247,18 +265,26 @@ def run(args: TrainArgs) -> dict[str, Any]:
     }
     atomic_write_json(args.output / "training_record.json", record)
     write_model_card(model_dir, record)
+    finish()  # the other processes read the record once rank 0 is through
+    return summary(record)
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The one JSON line ``distill train`` prints, from the run record."""
+    metrics = record["metrics"]
     return {
-        "model": str(model_dir),
-        "run_dir": str(args.output),
-        "method": args.method,
-        "loss": args.loss,
+        "model": record["outputs"]["model"],
+        "run_dir": record["config"]["output"],
+        "method": record["config"]["method"],
+        "loss": record["config"]["loss"],
         "steps": metrics["steps"],
         "train_loss": metrics["train_loss"],
         "tokens_per_second": metrics["tokens_per_second"],
-        "heldout_perplexity_before": before,
-        "heldout_perplexity_after": after,
-        "merge_max_abs_diff": merge["max_abs_logit_diff"],
-        "device": plan.device,
+        "heldout_perplexity_before": metrics["heldout_perplexity_before"],
+        "heldout_perplexity_after": metrics["heldout_perplexity_after"],
+        "merge_max_abs_diff": record["merge"]["max_abs_logit_diff"],
+        "device": record["device"]["device"],
+        "processes": record["device"]["processes"],
         "wall_seconds": record["wall_seconds"],
     }
 
