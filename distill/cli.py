@@ -27,8 +27,9 @@ from distill import argspec, ops
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
-# The stages ops builds command lines for (llamacpp and teacher are the CLI's own, below).
-STAGES: dict[str, tuple[str, str]] = ops.STAGES
+# The stages ops builds command lines for, and chat, which talks to a Pi rather than making
+# files (so not a Pipeline form); llamacpp and teacher are the CLI's own, below.
+STAGES: dict[str, tuple[str, str]] = {**ops.STAGES, "chat": ("distill.chat", "ChatArgs")}
 
 
 def _args_class(stage: str) -> type:

@@ -7,6 +7,8 @@ trained on the sample corpus and a randomly initialised LlamaForCausalLM), once 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,45 @@ def tiny_gguf(tiny_model: Path, llama_tools, tmp_path_factory: pytest.TempPathFa
         capture_output=True,
     )
     return out
+
+
+# A fleet CA like the one the pi_agent role makes, for the HTTPS tests (fleet-tui, distill chat).
+
+
+def make_ca(base: Path, name: str) -> tuple[Path, Path]:
+    """A throwaway CA (EC key, made with the ``openssl`` command line): its certificate and key."""
+    base.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+         "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        cwd=base, check=True, capture_output=True,
+    )  # fmt: skip
+    return base / f"{name}.pem", base / f"{name}.key"
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A fleet CA, an agent certificate it signed for 127.0.0.1 and localhost, and a second,
+    foreign CA: ``ca``, ``cert``, ``key``, ``other_ca``."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command line")
+    base = tmp_path_factory.mktemp("pki")
+    ca, ca_key = make_ca(base, "fleet-ca")
+    other_ca, _ = make_ca(base, "other-ca")
+    subprocess.run(
+        ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", "agent.key", "-out", "agent.csr", "-subj", "/CN=pi-a"],
+        cwd=base, check=True, capture_output=True,
+    )  # fmt: skip
+    (base / "agent.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
+    subprocess.run(
+        ["openssl", "x509", "-req", "-in", "agent.csr", "-CA", ca, "-CAkey", ca_key,
+         "-CAcreateserial", "-out", "agent.pem", "-days", "2", "-extfile", "agent.ext"],
+        cwd=base, check=True, capture_output=True,
+    )  # fmt: skip
+    return {"ca": ca, "cert": base / "agent.pem", "key": base / "agent.key", "other_ca": other_ca}

@@ -8,25 +8,18 @@ Endpoints read (``pi_agent.app``): ``GET /v1/status`` (required), ``GET /readyz`
 503 not ready) and ``GET /v1/bench`` (the last benchmark summary; 404 before the first one).
 Every endpoint but ``/healthz`` wants ``Authorization: Bearer <token>``. A field the agent
 leaves out, or sends with another type, reads as ``None``: an older or newer agent still shows.
-An https agent is verified against ``ca_file`` (the fleet's CA, which signed each agent's
-certificate), else against the system's CAs; a certificate it cannot verify is an ``AgentError``
-that says so, and no token is sent.
+The connection (the fleet's CA, the token, one-line ``AgentError``s) is
+``distill.agent_client``'s, shared with ``distill chat``.
 """
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import httpx
+from distill.agent_client import DEFAULT_TIMEOUT, AgentConnection, AgentError, Tokens
 
-DEFAULT_TIMEOUT = 3.0
-
-
-class AgentError(Exception):
-    """The agent could not be asked; the message is one line for the fleet table."""
+__all__ = ["DEFAULT_TIMEOUT", "AgentClient", "AgentError", "AgentStatus", "Tokens", "parse_status"]
 
 
 def _dig(data: Any, *keys: str) -> Any:
@@ -134,78 +127,23 @@ def best_tg(summary: Any) -> float | None:
     return max(rates) if rates else None
 
 
-class AgentClient:
+class AgentClient(AgentConnection):
     """One agent; every call raises ``AgentError`` (never an httpx exception)."""
-
-    def __init__(
-        self,
-        base_url: str,
-        token: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        ca_file: Path | None = None,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.ca_file = ca_file
-        headers = {"Accept": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        self._headers = headers
-
-    def _client(self, headers: dict[str, str] | None = None) -> httpx.Client:
-        """An httpx client that verifies the agent against ``ca_file`` (else the system's CAs)."""
-        try:
-            verify = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
-        except (OSError, ssl.SSLError) as err:
-            reason = getattr(err, "strerror", None) or getattr(err, "reason", None) or err
-            raise AgentError(f"CA file {self.ca_file}: {reason}") from None
-        return httpx.Client(timeout=self.timeout, headers=headers, verify=verify)
-
-    def _get(self, client: httpx.Client, path: str) -> httpx.Response:
-        try:
-            return client.get(self.base_url + path)
-        except httpx.TimeoutException:
-            raise AgentError(f"no answer within {self.timeout:g}s") from None
-        except httpx.ConnectError as err:
-            if _untrusted(err):
-                trust = f"the CA in {self.ca_file}" if self.ca_file else "the system's CAs"
-                raise AgentError(
-                    f"certificate not trusted ({_reason(err)}): not signed by {trust} or not "
-                    "for this address (see --ca-file)"
-                ) from None
-            raise AgentError(f"unreachable: {_reason(err)}") from None
-        except httpx.HTTPError as err:
-            raise AgentError(f"{type(err).__name__}: {_reason(err)}") from None
-
-    def _json(self, response: httpx.Response, path: str) -> Any:
-        try:
-            return response.json()
-        except ValueError:
-            raise AgentError(f"{path}: answer is not JSON") from None
-
-    def _check(self, response: httpx.Response, path: str) -> None:
-        if response.status_code in (401, 403):
-            detail = _error_message(response) or response.reason_phrase
-            hint = "" if "Authorization" in self._headers else " (no token: see --token-file)"
-            raise AgentError(f"token refused ({response.status_code}: {detail}){hint}")
-        if response.status_code != 200:
-            detail = _error_message(response) or response.reason_phrase
-            raise AgentError(f"{path}: HTTP {response.status_code} {detail}")
 
     def healthy(self) -> bool:
         """``/healthz`` answers 200 (needs no token)."""
-        with self._client() as client:
-            return self._get(client, "/healthz").status_code == 200
+        with self.client() as client:
+            return self.get(client, "/healthz").status_code == 200
 
     def fetch(self) -> AgentStatus:
         """Status, readiness and the last benchmark's throughput, in one ``AgentStatus``."""
-        with self._client(self._headers) as client:
-            response = self._get(client, "/v1/status")
-            self._check(response, "/v1/status")
-            status = parse_status(self._json(response, "/v1/status"))
-            ready = self._get(client, "/readyz")
+        with self.client(self._headers) as client:
+            response = self.get(client, "/v1/status")
+            self.check(response, "/v1/status")
+            status = parse_status(self.json(response, "/v1/status"))
+            ready = self.get(client, "/readyz")
             ready_flag = {200: True, 503: False}.get(ready.status_code)
-            bench = self._get(client, "/v1/bench")
+            bench = self.get(client, "/v1/bench")
             tg = None
             if bench.status_code == 200:
                 try:
@@ -213,50 +151,3 @@ class AgentClient:
                 except ValueError:
                     tg = None
         return AgentStatus(**{**status.__dict__, "ready": ready_flag, "tg_tok_s": tg})
-
-
-def _untrusted(err: BaseException) -> bool:
-    """Whether a connection failed because the agent's certificate did not verify."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return "CERTIFICATE_VERIFY_FAILED" in str(err)
-
-
-def _reason(err: Exception) -> str:
-    text = str(err) or type(err).__name__
-    return text.splitlines()[0]
-
-
-def _error_message(response: httpx.Response) -> str:
-    """The agent's ``{"error": {"message": ...}}``, if that is what it sent."""
-    try:
-        message = _dig(response.json(), "error", "message")
-    except ValueError:
-        return ""
-    return message if isinstance(message, str) else ""
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """Where bearer tokens come from: ``<dir>/<host>`` first, then one file for the fleet."""
-
-    token_file: Path | None = None
-    token_dir: Path | None = None
-
-    def for_host(self, host: str) -> str | None:
-        """The token for ``host`` (``None`` when none is configured); AgentError if unreadable."""
-        candidates = []
-        if self.token_dir is not None:
-            candidates.append(self.token_dir / host)
-        if self.token_file is not None:
-            candidates.append(self.token_file)
-        for path in candidates:
-            if path is self.token_file or path.is_file():
-                try:
-                    return path.read_text(encoding="utf-8").strip() or None
-                except OSError as err:
-                    raise AgentError(f"token file {path}: {err.strerror or err}") from None
-        return None

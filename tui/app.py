@@ -6,7 +6,7 @@
     fleet-tui --ca-file secrets/fleet-ca.pem   # the CA of the agents' certificates
     fleet-tui --replay runs/tui/20260101T120000Z/events.jsonl   # open a saved run
 
-Screens (F2-F5): fleet, run, pipeline, bench; F1 help, ctrl+q quit. Layout lives in app.tcss.
+Screens (F2-F6): fleet, run, pipeline, bench, chat; F1 help, ctrl+q quit. Layout lives in app.tcss.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from textual.screen import Screen
 
 from tui.agent import Tokens
 from tui.screens.bench import BenchScreen
+from tui.screens.chat import ChatScreen
 from tui.screens.error import ErrorScreen
 from tui.screens.fleet import FleetScreen
 from tui.screens.help import HelpScreen
@@ -34,11 +35,12 @@ SCREENS_BY_MODE = {
     "run": RunScreen,
     "pipeline": PipelineScreen,
     "bench": BenchScreen,
+    "chat": ChatScreen,
 }
 
 
 class FleetApp(App[int]):
-    """The app: four modes (one screen each), a help screen, an error screen."""
+    """The app: five modes (one screen each), a help screen, an error screen."""
 
     CSS_PATH = "app.tcss"
     TITLE = "pidistill fleet"
@@ -48,6 +50,7 @@ class FleetApp(App[int]):
         Binding("f3", "switch_mode('run')", "Run"),
         Binding("f4", "switch_mode('pipeline')", "Pipeline"),
         Binding("f5", "switch_mode('bench')", "Bench"),
+        Binding("f6", "switch_mode('chat')", "Chat"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
     MODES: ClassVar[dict[str, str]] = {name: name for name in SCREENS_BY_MODE}  # type: ignore[assignment]
@@ -66,8 +69,12 @@ class FleetApp(App[int]):
         self.switch_mode(self.start_mode)
 
     def on_unmount(self) -> None:
-        """Quitting mid-run stops the playbook and the pipeline command rather than orphan them."""
+        """Quitting mid-run stops the playbook, the pipeline command and the chat's answers
+        rather than orphan them."""
         run, pipeline = self.mode_screens.get("run"), self.mode_screens.get("pipeline")
+        chat = self.mode_screens.get("chat")
+        if isinstance(chat, ChatScreen):
+            chat.action_stop()
         if isinstance(run, RunScreen) and run.busy and run.playbook_run is not None:
             run.playbook_run.cancel()
             run.playbook_run.wait(10)

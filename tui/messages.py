@@ -1,8 +1,8 @@
 """Messages that worker threads post to the UI; the only way background work reaches a screen.
 
 Textual's ``post_message`` is thread-safe, so the ansible-runner event handler, the pipeline's
-process reader and the agent poller build one of these and post it; screens act on them in the
-event loop. A replayed event stream goes through the very same messages.
+process reader, the agent poller and the chat streams build one of these and post it; screens act
+on them in the event loop. A replayed event stream goes through the very same messages.
 """
 
 from __future__ import annotations
@@ -73,3 +73,22 @@ class AgentPolled(Message):
     def __init__(self, updates: list[HostUpdate]) -> None:
         super().__init__()
         self.updates = updates
+
+
+class ChatPiece(Message):
+    """A piece of one host's streamed answer."""
+
+    def __init__(self, host: str, text: str) -> None:
+        super().__init__()
+        self.host = host
+        self.text = text
+
+
+class ChatDone(Message):
+    """One host's answer ended: its stats (``distill.agent_client.ChatStats``), or why not."""
+
+    def __init__(self, host: str, stats: Any = None, error: str = "") -> None:
+        super().__init__()
+        self.host = host
+        self.stats = stats
+        self.error = error

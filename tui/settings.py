@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tui.agent import Tokens
+from distill.agent_client import Tokens, fleet_ca
 from tui.report import DEFAULT_PATH
 
 
@@ -44,11 +43,7 @@ class Settings:
         """The CA the agents' certificates are verified against: ``ca_file``, else the fleet's
         CA where the pi_agent role makes it (``$PIDISTILL_CACHE_DIR`` or the project's
         ``.cache``, ``fleet/ca/ca.pem``) when it is there, else none (the system's CAs)."""
-        if self.ca_file is not None:
-            return self.ca_file
-        cache = os.environ.get("PIDISTILL_CACHE_DIR") or self.project_dir / ".cache"
-        fleet_ca = Path(cache) / "fleet" / "ca" / "ca.pem"
-        return fleet_ca if fleet_ca.is_file() else None
+        return self.ca_file if self.ca_file is not None else fleet_ca(self.project_dir)
 
     def default_inventory(self) -> tuple[Path, ...]:
         """The inventory to read: the one given, else ``inventory/lab.yml`` when it exists."""

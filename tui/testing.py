@@ -5,7 +5,9 @@
 
 It answers ``/healthz``, ``/readyz``, ``/v1/status`` and ``/v1/bench`` the way ``pi_agent.app``
 does (bearer token on all but ``/healthz``, ``{"error": {...}}`` bodies), from the dicts it is
-given; ``raw_status`` serves bytes as they are, to test what a broken agent sends.
+given; ``raw_status`` serves bytes as they are, to test what a broken agent sends. A streamed
+``POST /v1/chat/completions`` answers ``answer``'s pieces as llama-server's server-sent events,
+the last one with its ``usage`` and ``timings`` (``tokens_per_s``); ``chats`` keeps each body.
 """
 
 from __future__ import annotations
@@ -70,13 +72,18 @@ class FakeAgent:
         ready: bool = True,
         bench: dict[str, Any] | None = None,
         raw_status: bytes | None = None,
+        answer: tuple[str, ...] = ("Salut", ", ça", " va", " bien!"),
+        tokens_per_s: float = 12.5,
     ) -> None:
         self.status = status if status is not None else sample_status("fake")
         self.token = token
         self.ready = ready
         self.bench = bench
         self.raw_status = raw_status
+        self.answer = answer
+        self.tokens_per_s = tokens_per_s
         self.requests: list[tuple[str, str | None]] = []
+        self.chats: list[dict[str, Any]] = []
         agent = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -116,6 +123,30 @@ class FakeAgent:
                         return self._error(404, "no benchmark has run yet")
                     return self._send(200, json.dumps(agent.bench).encode())
                 return self._error(404, f"no route {self.path}")
+
+            def do_POST(self) -> None:
+                auth = self.headers.get("Authorization")
+                agent.requests.append((self.path, auth))
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                if auth != f"Bearer {agent.token}":
+                    return self._error(403 if auth else 401, "invalid bearer token")
+                if self.path != "/v1/chat/completions" or not body.get("stream"):
+                    return self._error(404, f"no route {self.path} (streamed chat only)")
+                agent.chats.append(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                n = len(agent.answer)
+                chunks = [{"choices": [{"index": 0, "delta": {"content": piece}}]}
+                          for piece in agent.answer]  # fmt: skip
+                chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                usage = {"completion_tokens": n, "prompt_tokens": 9}
+                timings = {"predicted_n": n, "predicted_per_second": agent.tokens_per_s}
+                chunks.append({"choices": [], "usage": usage, "timings": timings})
+                for chunk in chunks:
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

@@ -353,8 +353,9 @@ async def test_help_lists_every_screen_and_closes(project: Path, until: Until) -
         await pilot.press("f3", "f1")  # from any screen
         await until(pilot, lambda: isinstance(app.screen, HelpScreen))
         sections = app.screen.sections
-        assert set(sections) == {"Everywhere", "Fleet", "Run", "Pipeline", "Bench"}
+        assert set(sections) == {"Everywhere", "Fleet", "Run", "Pipeline", "Bench", "Chat"}
         assert ("ctrl+x", "Cancel") in sections["Run"]
+        assert ("esc", "Stop answers") in sections["Chat"]
         await pilot.press("escape")
         await until(pilot, lambda: not isinstance(app.screen, HelpScreen))
 

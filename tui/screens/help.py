@@ -22,6 +22,7 @@ INTRO = """\
 | F3 | Run | run a playbook through ansible-runner: one row per task and host, log, recap |
 | F4 | Pipeline | label, train, export, eval forms built from `distill.ops`; live log and progress |
 | F5 | Bench | the fleet benchmark report: table and chart, slow hosts in red |
+| F6 | Chat | ask a host or a whole group; answers stream in with their tokens/s |
 
 Every run's events are saved under `runs/tui/<time>/events.jsonl` and can be replayed.
 """
