@@ -8,6 +8,7 @@ does (bearer token on all but ``/healthz``, ``{"error": {...}}`` bodies), from t
 given; ``raw_status`` serves bytes as they are, to test what a broken agent sends. A streamed
 ``POST /v1/chat/completions`` answers ``answer``'s pieces as llama-server's server-sent events,
 the last one with its ``usage`` and ``timings`` (``tokens_per_s``); ``chats`` keeps each body.
+With ``piece_gap``, the answer waits after its first piece until that event is set.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class FakeAgent:
         raw_status: bytes | None = None,
         answer: tuple[str, ...] = ("Salut", ", ça", " va", " bien!"),
         tokens_per_s: float = 12.5,
+        piece_gap: threading.Event | None = None,
     ) -> None:
         self.status = status if status is not None else sample_status("fake")
         self.token = token
@@ -82,6 +84,7 @@ class FakeAgent:
         self.raw_status = raw_status
         self.answer = answer
         self.tokens_per_s = tokens_per_s
+        self.piece_gap = piece_gap
         self.requests: list[tuple[str, str | None]] = []
         self.chats: list[dict[str, Any]] = []
         agent = self
@@ -143,9 +146,11 @@ class FakeAgent:
                 usage = {"completion_tokens": n, "prompt_tokens": 9}
                 timings = {"predicted_n": n, "predicted_per_second": agent.tokens_per_s}
                 chunks.append({"choices": [], "usage": usage, "timings": timings})
-                for chunk in chunks:
+                for i, chunk in enumerate(chunks):
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
+                    if i == 0 and agent.piece_gap is not None:
+                        agent.piece_gap.wait(30)  # a slow Pi: the rest once the test says so
                 self.wfile.write(b"data: [DONE]\n\n")
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -1,10 +1,11 @@
 """The chat screen driven with Pilot against stand-in agents (``tui.testing.FakeAgent``, which
 streams as llama-server does); the real agent and llama-server are in
-``tests/integration/test_chat.py``. Every wait is on a condition (``until``)."""
+``tests/integration/test_chat_agent.py``. Every wait is on a condition (``until``)."""
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,26 @@ async def test_a_refused_token_is_the_hosts_error(
             await until(pilot, lambda: not chat.busy)
             assert chat.errors["pi-a"].startswith("token refused (403")
             assert agent.chats == []
+
+
+async def test_escape_stops_an_answer_under_way_and_forgets_its_question(
+    tmp_path: Path, project: Path, until: Until
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    gap = threading.Event()
+    with FakeAgent(token="t", answer=("Un", " deux", " trois"), piece_gap=gap) as agent:
+        inventory = write_inventory(tmp_path / "fleet.yml", {"pi-a": agent.url})
+        app = FleetApp(fleet_settings(project, inventory, token))
+        async with app.run_test(size=SIZE) as pilot:
+            chat = await open_chat(pilot, app, until)
+            chat.ask("Compte")
+            await until(pilot, lambda: chat.answers.get("pi-a") == "Un")
+            assert chat.busy
+            await pilot.press("escape")
+            gap.set()  # the next piece arrives, and the stream sees the stop
+            await until(pilot, lambda: not chat.busy)
+            assert chat.errors == {"pi-a": "stopped"}
+            assert chat.answers["pi-a"] == "Un"
+            assert chat.histories["pi-a"] == []
+            assert app.errors == []  # stopping is no error

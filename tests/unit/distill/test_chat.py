@@ -1,6 +1,6 @@
 """``distill chat``: a bad flag is one line naming it (exit 2); the request the agent gets; the
 token and the CA found where the pi_agent role puts them; an answer streamed from a stand-in
-agent. The real agent and llama-server are in ``tests/integration/test_chat.py``."""
+agent. The real agent and llama-server are in ``tests/integration/test_chat_agent.py``."""
 
 from __future__ import annotations
 
