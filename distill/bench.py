@@ -19,6 +19,8 @@ Sections:
   builds against the memory-bandwidth roofline, and the build the llama_cpp role keeps.
 - ``agent``: the per-Pi agent's resident memory, idle CPU and ``/metrics`` latency.
 - ``fleet``: the rows of ``make bench-fleet`` (``fleet.csv`` in ``--out``), when it has run.
+- ``labelling-size``: ``distill label`` against llama-server on 10k and 100k short rows: rows/s
+  and peak RSS of each (flat memory is the goal), and the ``--skip-existing`` resume scan.
 - ``distillation``: ``sft``, ``kd`` and ``mix`` students trained on the same labelled rows for
   the same steps from the same seed, each measured against the teacher on the held-out rows
   (KL, top-1 agreement, chrF, schema-valid JSON); ``distill.json`` in ``--out`` holds them all.
@@ -359,6 +361,45 @@ def bench_distillation(out: Path, steps: int) -> list[Row]:
     return rows
 
 
+# ----------------------------------------------------------------------------- labelling at size
+
+
+def bench_label_size(rows: int, max_new_tokens: int, parallel: int) -> list[Row]:
+    """Peak RSS and rows/s of distill label at rows/10 and rows, and the resume scan."""
+    import tempfile
+
+    from distill.bench_label_size import FLAT_GOAL, measure
+
+    small = max(1, rows // 10)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = measure(Path(tmp), (small, rows), max_new_tokens, parallel)
+    detail = (
+        f"llama-server, SmolLM2-135M Q4_1, {parallel} slots, {max_new_tokens} new tokens, "
+        f"short {{user}} rows, {os.cpu_count()} cores"
+    )
+    runs = result["runs"]
+    out = []
+    for size, run in runs.items():
+        rate = run.summary["labelled"] / run.seconds if run.seconds else 0.0
+        out.append(Row("labelling-size", f"distill label, {size} rows", round(rate, 1),
+                       "rows/s", f"{detail}, {run.seconds:.0f} s"))  # fmt: skip
+    growth = runs[rows].peak_rss_mib / runs[small].peak_rss_mib - 1
+    for size, run in runs.items():
+        goal, met = "", ""
+        if size == rows:
+            goal = f"<= {small} rows' +{FLAT_GOAL:.0%}"
+            met = "yes" if growth <= FLAT_GOAL else "no"
+        out.append(Row("labelling-size", f"peak RSS, {size} rows", round(run.peak_rss_mib, 1),
+                       "MiB", f"{detail}, {growth:+.1%} from {small} to {rows}" if goal else detail,
+                       goal, met))  # fmt: skip
+    skip = result["skip"]
+    out.append(Row("labelling-size", f"--skip-existing scan, {rows} rows done",
+                   round(skip.seconds, 1), "s",
+                   f"all {skip.summary['skipped']} skipped, peak RSS {skip.peak_rss_mib:.0f} MiB, "
+                   "process start included"))  # fmt: skip
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
@@ -370,6 +411,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "agent": lambda a: bench_agent(),
     "fleet": lambda a: bench_fleet_rows(a.out),
     "distillation": lambda a: bench_distillation(a.out, a.distill_steps),
+    "labelling-size": lambda a: bench_label_size(a.size_rows, a.size_tokens, a.parallel),
 }
 
 
@@ -412,9 +454,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="llama-bench threads (decode)")
     parser.add_argument("--distill-steps", type=int, default=16,
                         help="optimizer steps per loss (distillation)")  # fmt: skip
+    parser.add_argument(
+        "--size-rows",
+        type=int,
+        default=100_000,
+        help="rows of the large labelling-size run (the small one: a tenth)",
+    )
+    parser.add_argument("--size-tokens", type=int, default=4,
+                        help="tokens per answer in labelling-size")  # fmt: skip
     args = parser.parse_args(argv)
     for name in ("rows", "loop_rows", "max_new_tokens", "batch_size", "parallel", "threads",
-                 "distill_steps"):  # fmt: skip
+                 "distill_steps", "size_rows", "size_tokens"):  # fmt: skip
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)

@@ -376,8 +376,17 @@ def read_many(
     allow_empty: bool = False,
 ) -> list[Record]:
     """Read and validate several JSONL files; ids must be unique across all of them."""
-    records: list[Record] = []
-    seen: dict[str, str] = {}
+    return list(iter_records(paths, require_answer=require_answer, allow_empty=allow_empty))
+
+
+def iter_records(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    require_answer: bool = False,
+    allow_empty: bool = False,
+) -> Iterator[Record]:
+    """:func:`read_many` one row at a time: only the ids seen so far stay in memory."""
+    seen: set[str] = set()
     for path in paths:
         if not Path(path).is_file():
             raise RecordError(path, 0, "(file)", "no such file")
@@ -385,17 +394,25 @@ def read_many(
         for number, row in iter_json_lines(path):
             record = record_from_dict(row, path=path, line=number, require_answer=require_answer)
             if record.id in seen:
-                first = seen[record.id]
+                first = _first_seen(paths, record.id)
                 how = " derived from the same prompt" if record.id_derived else ""
                 raise RecordError(
                     path, number, "id", f"duplicate id {record.id!r}{how} (first seen at {first})"
                 )
-            seen[record.id] = f"{path}:{number}"
-            records.append(record)
+            seen.add(record.id)
             count += 1
+            yield record
         if count == 0 and not allow_empty:
             raise RecordError(path, 1, "(file)", "empty: no rows")
-    return records
+
+
+def _first_seen(paths: Sequence[str | os.PathLike[str]], record_id: str) -> str:
+    """``path:line`` of the first row with this id; looked up again on the error path only."""
+    for path in paths:
+        for number, row in iter_json_lines(path):
+            if (row.get("id") if row.get("id") is not None else derive_id(row)) == record_id:
+                return f"{path}:{number}"
+    return "?"
 
 
 # ----------------------------------------------------------------------------- writing

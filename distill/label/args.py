@@ -65,7 +65,9 @@ class LabelArgs:
         "auto: chat when the teacher has a template",
         choices=("auto", *PROMPT_STYLES),
     )
-    batch_size: int = arg(16, help="rows per batch (and per fsync'd append)")
+    batch_size: int = arg(
+        16, help="rows per batch; 8 batches are read, sorted and appended (fsync'd) at a time"
+    )
     max_new_tokens: int = arg(256, help="most tokens generated per answer")
     temperature: float = arg(0.7, help="sampling temperature (used with --do-sample)")
     do_sample: bool = arg(False, help="sample instead of greedy decoding")

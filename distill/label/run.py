@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,13 +20,18 @@ from distill.records import (
     Record,
     RecordError,
     append_rows,
+    derive_id,
     iter_json_lines,
-    read_records,
+    iter_records,
     repair_torn_tail,
     write_rows_atomic,
 )
 
 log = logging.getLogger(__name__)
+# Rows are read, length-sorted and written a window of this many batches at a time: memory
+# stays flat however long the input, and a crash loses at most one window's answers.
+WINDOW_BATCHES = 8
+SHOWN_IDS = 20  # skipped ids kept in the summary and the log; the count covers all
 
 
 def make_teacher(args: LabelArgs) -> Teacher:
@@ -92,19 +98,45 @@ def reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0].strip()
 
 
-def _done_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows already written to an output or rejects file (after cutting a torn tail)."""
+def _done_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows already written to an output or rejects file (after cutting a torn tail), lazily."""
     if not path.exists():
-        return []
+        return
     cut = repair_torn_tail(path)
     if cut:
         log.warning("%s: cut a torn last line (%d bytes) left by an interrupted run", path, cut)
-    rows = []
     for number, row in iter_json_lines(path):
         if not isinstance(row, dict) or not isinstance(row.get("id"), str):
             raise RecordError(path, number, "id", "existing output row without a string id")
-        rows.append(row)
-    return rows
+        yield row
+
+
+def _done_ids(args: LabelArgs) -> set[str]:
+    """Ids already labelled or rejected; only the ids are held, not the rows."""
+    from distill.logprobs import repair
+
+    done: set[str] = set()
+
+    def note(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for row in rows:
+            done.add(row["id"])
+            yield row
+
+    # Blocks appended before a crash cut the rows that would point at them. repair() reads the
+    # rows only when there is a logprobs file, so the ids are gathered whether or not it does.
+    rows = note(_done_rows(args.output))
+    cut = repair(args.logprobs_path, rows)
+    for _ in rows:
+        pass
+    if cut:
+        log.warning("%s: cut %d bytes no row points at", args.logprobs_path, cut)
+    done.update(row["id"] for row in _done_rows(args.rejects_path))
+    return done
+
+
+def _records(args: LabelArgs) -> Iterator[Record]:
+    """The input's rows, validated one at a time, up to ``--limit``."""
+    return itertools.islice(iter_records([args.input]), args.limit or None)
 
 
 def _provenance(
@@ -129,12 +161,19 @@ def _provenance(
     return row
 
 
+def _windows(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    """Consecutive runs of ``size`` rows, read lazily."""
+    it = iter(records)
+    while window := list(itertools.islice(it, size)):
+        yield window
+
+
 def _batches(
     teacher: Teacher, todo: list[Record], args: LabelArgs
 ) -> list[tuple[list[Record], bool]]:
-    """Length-sorted batches, JSON rows apart from free ones: (rows, is_json)."""
+    """Length-sorted batches of a window, JSON rows apart from free ones: (rows, is_json)."""
     # Longest first: similar lengths share a batch (less padding), and a too-long batch fails
-    # at the start, not after an hour. JSON rows batch together: the loop guards that suit prose
+    # at the start of its window. JSON rows batch together: the loop guards that suit prose
     # (repetition penalty, no-repeat n-grams) would fight a grammar that must repeat quotes.
     lengths = teacher.prompt_tokens(todo)
     out = []
@@ -160,12 +199,8 @@ def label(
     """
     from tqdm import tqdm
 
-    from distill.logprobs import FIELD, append_blocks, repair
+    from distill.logprobs import repair
 
-    records = read_records(args.input)
-    if args.limit:
-        records = records[: args.limit]
-    summary = Summary(total=len(records), output=str(args.output), rejects=str(args.rejects_path))
     done: set[str] = set()
     existing_output = args.output.exists() and args.output.stat().st_size > 0
     if existing_output and not (args.skip_existing or args.overwrite):
@@ -176,28 +211,32 @@ def label(
         for path in (args.output, args.rejects_path, args.logprobs_path):
             path.unlink(missing_ok=True)
     elif args.skip_existing:
-        written = _done_rows(args.output)
-        # Blocks appended before a crash cut the rows that would point at them.
-        cut = repair(args.logprobs_path, written)
-        if cut:
-            log.warning("%s: cut %d bytes no row points at", args.logprobs_path, cut)
-        done = {row["id"] for row in written} | {r["id"] for r in _done_rows(args.rejects_path)}
+        done = _done_ids(args)
     else:
         # A fresh output: probabilities a deleted output once pointed at are stale.
         repair(args.logprobs_path, [])
-    todo = [r for r in records if r.id not in done]
-    summary.skipped_ids = [r.id for r in records if r.id in done]
-    summary.skipped = len(summary.skipped_ids)
+    # A first pass validates every row, so a bad row at line 90,000 fails before anything is
+    # labelled; the second pass labels. Neither holds more than ids.
+    summary = Summary(output=str(args.output), rejects=str(args.rejects_path))
+    for record in _records(args):
+        summary.total += 1
+        if record.id in done:
+            summary.skipped += 1
+            if len(summary.skipped_ids) < SHOWN_IDS:
+                summary.skipped_ids.append(record.id)
+    todo_count = summary.total - summary.skipped
     if summary.skipped:
+        more = summary.skipped - len(summary.skipped_ids)
         log.info(
-            "skipping %d rows already labelled or rejected: %s",
+            "skipping %d rows already labelled or rejected: %s%s",
             summary.skipped,
             ", ".join(summary.skipped_ids),
+            f" and {more} more" if more else "",
         )
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    if not todo:
-        log.info("nothing to label: all %d rows are done", len(records))
-        _finish(args, records)
+    if not todo_count:
+        log.info("nothing to label: all %d rows are done", summary.total)
+        _finish(args, existing_output and not args.overwrite)
         return summary
     teacher = teacher or make_teacher(args)
     labeller = {**teacher.describe(), "prompt_style": teacher.style, "tool": _tool_version()}
@@ -213,7 +252,7 @@ def label(
     log.info("teacher: %s", labeller)
     gate = Gate(args.quality_gate, args.max_repeat_ratio, args.reject_truncated, args.language)
     bar = tqdm(
-        total=len(todo),
+        total=todo_count,
         unit="row",
         desc="label",
         file=sys.stderr,
@@ -221,33 +260,35 @@ def label(
         mininterval=0.5,
     )
     started = time.perf_counter()
+    todo = (r for r in _records(args) if r.id not in done)
     try:
-        for batch, is_json in _batches(teacher, todo, args):
-            base = Generation(
-                args.max_new_tokens,
-                args.do_sample,
-                args.temperature,
-                args.top_p,
-                args.seed,
-                1.0 if is_json else args.repetition_penalty,
-                0 if is_json else args.no_repeat_ngram_size,
-            )
-            good, bad, blocks = _label_batch(teacher, batch, base, args, labeller, gate, summary)
-            # Probabilities first, fsync'd: a row never points at a block that is not on disk.
-            refs = append_blocks(args.logprobs_path, [b for b in blocks if b is not None])
-            refs_iter = iter(refs)
-            for row, block in zip(good, blocks, strict=True):
-                if block is not None:
-                    row[FIELD] = next(refs_iter)
-            append_rows(args.output, good)
-            append_rows(args.rejects_path, bad)
+        for window in _windows(todo, args.batch_size * WINDOW_BATCHES):
+            good: dict[str, tuple[dict[str, Any], Any]] = {}
+            bad: dict[str, dict[str, Any]] = {}
+            for batch, is_json in _batches(teacher, window, args):
+                base = Generation(
+                    args.max_new_tokens,
+                    args.do_sample,
+                    args.temperature,
+                    args.top_p,
+                    args.seed,
+                    1.0 if is_json else args.repetition_penalty,
+                    0 if is_json else args.no_repeat_ngram_size,
+                )
+                rows, rejects, blocks = _label_batch(
+                    teacher, batch, base, args, labeller, gate, summary
+                )
+                pairs = zip(rows, blocks, strict=True)
+                good.update((row["id"], (row, block)) for row, block in pairs)
+                bad.update((row["id"], row) for row in rejects)
+                summary.seconds = time.perf_counter() - started
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{summary.tokens_per_second:.1f}", rejected=len(bad))
+                if progress:
+                    progress(summary.labelled + summary.rejected + len(good) + len(bad), todo_count)
+            _append_window(args, window, good, bad)
             summary.labelled += len(good)
             summary.rejected += len(bad)
-            summary.seconds = time.perf_counter() - started
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{summary.tokens_per_second:.1f}", rejected=summary.rejected)
-            if progress:
-                progress(summary.labelled + summary.rejected, len(todo))
     finally:
         bar.close()
         server_stats = getattr(teacher, "server_stats", None)  # the OpenAI teacher's pool
@@ -256,8 +297,27 @@ def label(
             log.info("teacher servers: %s", summary.servers)
     if summary.reasons:
         log.info("rejected by reason: %s", dict(summary.reasons.most_common()))
-    _finish(args, records)
+    _finish(args, existing_output and not args.overwrite)
     return summary
+
+
+def _append_window(
+    args: LabelArgs,
+    window: list[Record],
+    good: dict[str, tuple[dict[str, Any], Any]],
+    bad: dict[str, dict[str, Any]],
+) -> None:
+    """Append a window's rows in input order: the output needs no sorting at the end."""
+    from distill.logprobs import FIELD, append_blocks
+
+    rows = [good[r.id] for r in window if r.id in good]
+    # Probabilities first, fsync'd: a row never points at a block that is not on disk.
+    refs = iter(append_blocks(args.logprobs_path, [b for _, b in rows if b is not None]))
+    for row, block in rows:
+        if block is not None:
+            row[FIELD] = next(refs)
+    append_rows(args.output, [row for row, _ in rows])
+    append_rows(args.rejects_path, [bad[r.id] for r in window if r.id in bad])
 
 
 def _label_batch(
@@ -323,12 +383,32 @@ def _label_batch(
     return good, bad, blocks
 
 
-def _finish(args: LabelArgs, records: list[Record]) -> None:
-    """Rewrite the output in input order (atomic), rows from other inputs kept first."""
-    if not args.output.exists():
+def _input_ids(args: LabelArgs) -> Iterator[str]:
+    """The input's ids in order (rows already validated: no second check)."""
+    rows = (row for _, row in iter_json_lines(args.input))
+    for row in itertools.islice(rows, args.limit or None):
+        yield row["id"] if row.get("id") is not None else derive_id(row)
+
+
+def _in_input_order(args: LabelArgs) -> bool:
+    """Whether the output's ids come in the input's order, read side by side: ids only."""
+    ids = _input_ids(args)
+    # Each output id is looked for further along the input, never from its start again.
+    return all(any(i == row.get("id") for i in ids) for _, row in iter_json_lines(args.output))
+
+
+def _finish(args: LabelArgs, resumed: bool) -> None:
+    """Leave the output in input order, rows from other inputs first (atomic).
+
+    Windows are appended in input order, so only an output this run added to can be out of
+    order (rows of another input, a resume after the input changed); that case is sorted in
+    memory.
+    """
+    if not resumed or not args.output.exists() or _in_input_order(args):
         return
+    position = {i: n for n, i in enumerate(_input_ids(args))}
     rows = [row for _, row in iter_json_lines(args.output)]
-    position = {r.id: i for i, r in enumerate(records)}
+    log.info("%s: putting %d rows back in input order", args.output, len(rows))
     rows.sort(key=lambda row: position.get(row.get("id"), -1))
     write_rows_atomic(args.output, rows)
 

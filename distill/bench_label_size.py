@@ -1,0 +1,117 @@
+"""The ``labelling-size`` section of ``make bench``: ``distill label`` on 10k and 100k rows.
+
+    python -m distill.bench --out runs/bench --only labelling-size
+    python -m distill.bench --out runs/bench --only labelling-size --size-rows 20000
+
+A synthetic file of short ``{"user": ...}`` rows (ids derived from the content) is labelled by
+``distill label --teacher-url`` against llama-server on the embedded teacher GGUF, the answers
+cut to a few tokens: what is measured is ``distill label`` itself, not the teacher. Each run is
+a child process whose peak resident memory comes from the kernel (``wait4``'s ``ru_maxrss``).
+Then ``--skip-existing`` runs again over the finished output: every row is skipped, and its
+wall time is the resume scan (validate the input, gather the done ids, check the order).
+
+Goal (issue 14): memory stays flat, the 100k-row run's peak RSS within 10% of the 10k-row run's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("distill.bench")
+FLAT_GOAL = 0.10  # the large run's peak RSS at most 10% above the small run's
+WORDS = ("Salut", "Bonjour", "Allô", "Coudonc", "Pis", "Ben")
+
+
+@dataclass
+class Run:
+    """One ``distill label`` child process: wall seconds, peak RSS and its summary."""
+
+    seconds: float
+    peak_rss_mib: float
+    summary: dict
+
+
+def write_prompts(path: Path, rows: int) -> Path:
+    """A JSONL file of ``rows`` short, distinct ``{"user": ...}`` rows (no ids: derived)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for i in range(rows):
+            word = WORDS[i % len(WORDS)]
+            handle.write(json.dumps({"user": f"{word}, question {i}: ça va?"}) + "\n")
+    return path
+
+
+def run_measured(command: list[str], log_path: Path) -> tuple[float, float, str]:
+    """Run a command to its end: (wall seconds, peak RSS in MiB, its stdout).
+
+    The peak is the kernel's own for that child alone (``wait4``), not a sampled guess.
+    Fails with the command's last log line when it exits non-zero.
+    """
+    started = time.perf_counter()
+    with log_path.open("wb") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        lines = log_path.read_text(errors="replace").strip().splitlines() or ["(no output)"]
+        raise RuntimeError(f"{command[0]} exited {proc.returncode}: {lines[-1]}")
+    return seconds, usage.ru_maxrss / 1024, out.decode("utf-8", errors="replace")
+
+
+def label_once(source: Path, output: Path, url: str, args: list[str]) -> Run:
+    """``distill label`` over ``source`` into ``output`` as a child process."""
+    command = [
+        sys.executable,
+        "-m",
+        "distill.cli",
+        "label",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--teacher-url",
+        url,
+        *args,
+    ]
+    seconds, rss, out = run_measured(command, output.with_suffix(".log"))
+    return Run(seconds, rss, json.loads(out.strip().splitlines()[-1]))
+
+
+def measure(tmp: Path, sizes: tuple[int, int], max_new_tokens: int, parallel: int) -> dict:
+    """Label each size, then resume the largest with ``--skip-existing``; what was measured."""
+    from distill.llamacpp import serve
+    from distill.models import embedded_teacher_gguf
+
+    flags = [
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--concurrency",
+        str(parallel),
+        "--batch-size",
+        str(parallel * 4),
+        "--no-quality-gate",  # answers cut at a few tokens are what this bench asks for
+    ]
+    result: dict = {"runs": {}}
+    threads = os.cpu_count() or 2
+    with serve(embedded_teacher_gguf(), parallel=parallel, ctx_size=256 * parallel,
+               threads=threads) as url:  # fmt: skip
+        for rows in sizes:
+            source = write_prompts(tmp / f"prompts-{rows}.jsonl", rows)
+            log.info("labelling-size: distill label over %d rows", rows)
+            result["runs"][rows] = label_once(source, tmp / f"out-{rows}.jsonl", url, flags)
+        rows = sizes[-1]
+        log.info("labelling-size: distill label --skip-existing over %d finished rows", rows)
+        source = tmp / f"prompts-{rows}.jsonl"
+        skip = [*flags, "--skip-existing"]
+        result["skip"] = label_once(source, tmp / f"out-{rows}.jsonl", url, skip)
+    return result
