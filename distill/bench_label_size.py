@@ -55,17 +55,31 @@ def run_measured(command: list[str], log_path: Path) -> tuple[float, float, str]
     Fails with the command's last log line when it exits non-zero.
     """
     started = time.perf_counter()
+    peak_file = log_path.with_name(log_path.name + ".maxrss")
+    # Through a small Python parent: Linux starts a child's ru_maxrss at its parent's own peak
+    # (exec keeps the old mm's high-water mark), so a child of a big process (pytest after the
+    # models, the bench) would report the parent's RSS. The wrapper's floor is ~10 MiB.
+    wrapped = [sys.executable, "-c", _WRAP, str(peak_file), *command]
     with log_path.open("wb") as err:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err)
-        assert proc.stdout is not None
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run(wrapped, stdout=subprocess.PIPE, stderr=err, check=False)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         lines = log_path.read_text(errors="replace").strip().splitlines() or ["(no output)"]
         raise RuntimeError(f"{command[0]} exited {proc.returncode}: {lines[-1]}")
-    return seconds, usage.ru_maxrss / 1024, out.decode("utf-8", errors="replace")
+    peak_kib = int(peak_file.read_text(encoding="utf-8"))
+    return seconds, peak_kib / 1024, proc.stdout.decode("utf-8", errors="replace")
+
+
+# argv: the file for the child's peak RSS (KiB), then the command; exits with its status.
+_WRAP = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w", encoding="utf-8") as out:
+    out.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
 
 
 def label_once(source: Path, output: Path, url: str, args: list[str]) -> Run:

@@ -46,6 +46,15 @@ def test_run_measured_reports_the_childs_own_peak_memory(tmp_path: Path) -> None
     assert small < rss - 150  # its own peak, not the largest child's so far
 
 
+def test_a_child_of_a_big_parent_reports_its_own_peak_not_the_parents(tmp_path: Path) -> None:
+    # Linux starts a child's ru_maxrss at its parent's high-water mark; pytest is big by now.
+    ballast = bytearray(400 * 1024 * 1024)
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    _, small, _ = run_measured([sys.executable, "-c", "print(1)"], tmp_path / "small.log")
+    assert small < 100, small
+    del ballast
+
+
 def test_run_measured_fails_with_the_last_line_of_the_log(tmp_path: Path) -> None:
     fail = "import sys; print('first', file=sys.stderr); sys.exit('the reason')"
     with pytest.raises(RuntimeError, match="exited 1: the reason"):
