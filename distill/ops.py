@@ -41,7 +41,9 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 # distill.bench's sections (a test keeps the two lists equal; importing it here would load more
 # than `distill --help` needs).
-BENCH_SECTIONS = ("agent", "decode", "distillation", "fleet", "labelling", "training")
+BENCH_SECTIONS = (
+    "agent", "decode", "distillation", "fleet", "labelling", "labelling-size", "training",
+)  # fmt: skip
 
 
 @dataclass
@@ -68,11 +70,15 @@ class BenchArgs:
     parallel: int = arg(16, help="llama-server slots (labelling)")
     threads: int = arg(2, help="llama-bench threads (decode)")
     distill_steps: int = arg(16, help="optimizer steps per loss (distillation)")
+    size_rows: int = arg(
+        100_000, help="rows of the large labelling-size run (the small one: a tenth)"
+    )
+    size_tokens: int = arg(4, help="tokens per answer (labelling-size)")
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         for name in ("rows", "loop_rows", "max_new_tokens", "batch_size", "parallel", "threads",
-                     "distill_steps"):  # fmt: skip
+                     "distill_steps", "size_rows", "size_tokens"):  # fmt: skip
             if getattr(self, name) <= 0:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be positive, got {getattr(self, name)}")
