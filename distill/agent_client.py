@@ -101,7 +101,8 @@ class ChatStats:
         return " ".join(parts)
 
 
-def _dig(data: Any, *keys: str) -> Any:
+def dig(data: Any, *keys: str) -> Any:
+    """``data[k1][k2]...``, or ``None`` where a level is missing or not a dict."""
     for key in keys:
         if not isinstance(data, dict):
             return None
@@ -205,12 +206,12 @@ class AgentConnection:
                         except ValueError:
                             raise AgentError(f"{path}: a streamed event is not JSON") from None
                         if isinstance(chunk.get("error"), dict):
-                            raise AgentError(f"{path}: {_dig(chunk, 'error', 'message')}")
+                            raise AgentError(f"{path}: {dig(chunk, 'error', 'message')}")
                         usage = chunk.get("usage") or usage
                         timings = chunk.get("timings") or timings
                         for choice in chunk.get("choices") or []:
                             finish = choice.get("finish_reason") or finish
-                            text = _dig(choice, "delta", "content")
+                            text = dig(choice, "delta", "content")
                             if isinstance(text, str) and text:
                                 last = time.monotonic()
                                 first = first or last
@@ -228,7 +229,7 @@ class AgentConnection:
         yield ChatStats(
             completion_tokens=tokens,
             prompt_tokens=_int(usage.get("prompt_tokens")),
-            cached_tokens=_int(_dig(usage, "prompt_tokens_details", "cached_tokens")),
+            cached_tokens=_int(dig(usage, "prompt_tokens_details", "cached_tokens")),
             seconds=elapsed,
             tokens_per_s=float(rate) if rate is not None else None,
             finish_reason=finish,
@@ -260,7 +261,7 @@ def _reason(err: Exception) -> str:
 def error_message(response: httpx.Response) -> str:
     """The agent's ``{"error": {"message": ...}}``, if that is what it sent."""
     try:
-        message = _dig(response.json(), "error", "message")
+        message = dig(response.json(), "error", "message")
     except ValueError:
         return ""
     return message if isinstance(message, str) else ""

@@ -17,17 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from distill.agent_client import DEFAULT_TIMEOUT, AgentConnection, AgentError, Tokens
+from distill.agent_client import DEFAULT_TIMEOUT, AgentConnection, AgentError, Tokens, dig
 
 __all__ = ["DEFAULT_TIMEOUT", "AgentClient", "AgentError", "AgentStatus", "Tokens", "parse_status"]
-
-
-def _dig(data: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
 
 
 def _text(value: Any) -> str | None:
@@ -99,15 +91,15 @@ def parse_status(data: Any) -> AgentStatus:
     return AgentStatus(
         host=_text(data.get("host")),
         board=_text(data.get("board")),
-        model_name=_text(_dig(data, "model", "name")),
-        model_version=_text(_dig(data, "model", "version")),
-        model_sha256=_text(_dig(data, "model", "sha256")),
-        llama_build=_text(_dig(data, "llama_cpp", "build"))
-        or _text(_dig(data, "llama_cpp", "version")),
+        model_name=_text(dig(data, "model", "name")),
+        model_version=_text(dig(data, "model", "version")),
+        model_sha256=_text(dig(data, "model", "sha256")),
+        llama_build=_text(dig(data, "llama_cpp", "build"))
+        or _text(dig(data, "llama_cpp", "version")),
         uptime_s=_number(data.get("uptime_s")),
         temperature_c=_number(data.get("temperature_c")),
-        throttled_now=_flags(_dig(data, "throttled", "now")),
-        throttled_since_boot=_flags(_dig(data, "throttled", "since_boot")),
+        throttled_now=_flags(dig(data, "throttled", "now")),
+        throttled_since_boot=_flags(dig(data, "throttled", "since_boot")),
         zram=_zram(data.get("zram")),
         raw=data,
     )
