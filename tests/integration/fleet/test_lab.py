@@ -50,6 +50,7 @@ from fleet_helpers import (
 pytestmark = pytest.mark.slow
 
 PLAYBOOK = str(ROOT / ".venv" / "bin" / "ansible-playbook")
+IMAGE = "localhost/pidistill-lab:bookworm"
 HOSTS = ["pi-1", "pi-2", "pi-3"]
 LAB_JSON_MAX_TOKENS = 1024  # the agent's ceiling, above the longest answer bounded() allows
 LAB_FREE_MAX_TOKENS = 256  # the answers without response_format are measured, not asserted
@@ -675,14 +676,24 @@ def test_boards_killed_mid_rollout_are_named_and_a_rerun_completes_them(
 
 
 def test_lab_down_removes_all_it_made(lab) -> None:
-    run([sys.executable, str(LAB), "down"])
-    podman = ["podman", "--runtime", "runc"]
-    left = subprocess.run([*podman, "ps", "-a", "--filter", "label=pidistill.lab.host", "-q"],
-                          capture_output=True, text=True, env=fleet_env(), check=True)  # fmt: skip
-    assert left.stdout.strip() == ""
-    for kind, name in (("network", "pidistill-lab"), ("image", "localhost/pidistill-lab:bookworm")):
-        assert subprocess.run([*podman, kind, "exists", name]).returncode != 0, name
-    assert not (ROOT / ".cache" / "lab" / "ssh").exists()
-    assert not lab.exists()
-    assert list((ROOT / ".cache" / "lab").glob("rootfs-*.tar"))  # the cache stays
-    run([sys.executable, str(LAB), "image"])  # the molecule scenarios of this session need it back
+    cache = ROOT / ".cache" / "lab"
+    tarballs = sorted(cache.glob("rootfs-*.tar"))  # none when the image came from an earlier run
+    planted = cache / "rootfs-keep-me.tar"
+    planted.write_bytes(b"")  # down must leave the cache alone
+    try:
+        run([sys.executable, str(LAB), "down"])
+        podman = ["podman", "--runtime", "runc"]
+        left = subprocess.run(
+            [*podman, "ps", "-a", "--filter", "label=pidistill.lab.host", "-q"],
+            capture_output=True, text=True, env=fleet_env(), check=True,
+        )  # fmt: skip
+        assert left.stdout.strip() == ""
+        for kind, name in (("network", "pidistill-lab"), ("image", IMAGE)):
+            assert subprocess.run([*podman, kind, "exists", name]).returncode != 0, name
+        assert not (cache / "ssh").exists()
+        assert not lab.exists()
+        assert sorted(cache.glob("rootfs-*.tar")) == sorted([*tarballs, planted])
+    finally:
+        planted.unlink(missing_ok=True)
+        # The molecule scenarios of this session need the image back, whatever failed above.
+        run([sys.executable, str(LAB), "image"], timeout=1200)
