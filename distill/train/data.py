@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,49 @@ class Collator:
                     top_logprobs[row, start:end, :kk] = torch.from_numpy(target.top_logprobs)
                 offset += len(example.input_ids)
         return {"teacher_ids": top_ids, "teacher_logprobs": top_logprobs}
+
+
+class LengthBatches:
+    """Row indices in batches of rows of about the same length, the batches in a drawn order.
+
+    Random batches of conversations padded the demo's rows to 1.5x their tokens; rows sorted
+    by length (jittered by up to ``jitter`` of their length, so that a batch's rows change
+    from epoch to epoch) pad little. The batches are then shuffled; a short last batch stays
+    last, as the data loader cuts the stream into batches of ``batch_size`` in order. Each epoch
+    draws from ``seed`` and the epoch number (the Trainer calls :meth:`set_epoch`, a resumed
+    run included), so a run is repeatable.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, jitter: float = 0.1):
+        self.lengths = list(lengths)
+        self.batch_size = max(1, batch_size)
+        self.seed = seed
+        self.jitter = jitter
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the next iteration's order from this epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches, in the order they are served."""
+        import random
+
+        draw = random.Random(self.seed * 1_000_003 + self.epoch)
+        keys = [n * (1.0 + self.jitter * draw.random()) for n in self.lengths]
+        order = sorted(range(len(self.lengths)), key=keys.__getitem__)
+        size = self.batch_size
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        short = batches.pop() if batches and len(batches[-1]) < size else None
+        draw.shuffle(batches)
+        return batches + ([short] if short else [])
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self.batches():
+            yield from batch
 
 
 class ListDataset:

@@ -12,9 +12,9 @@ from distill.argspec import describe
 from distill.encoding import Example
 from distill.records import atomic_write_json
 from distill.train.args import TrainArgs
-from distill.train.data import Collator, ListDataset, pack
+from distill.train.data import Collator, LengthBatches, ListDataset, pack
 from distill.train.device import DevicePlan
-from distill.train.losses import Objective
+from distill.train.losses import Objective, SplitHead, split_head
 from distill.train.onpolicy import OnPolicy
 from distill.train.ranks import ranks
 
@@ -27,19 +27,35 @@ def last_checkpoint(checkpoints: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
-def _trainer_class(objective: Objective, on_policy: OnPolicy | None = None) -> type:
-    """The transformers Trainer, its loss ``objective`` for kd and mix (sft: its own loss).
+def _trainer_class(
+    objective: Objective,
+    on_policy: OnPolicy | None = None,
+    split: SplitHead | None = None,
+    lengths: list[int] | None = None,
+) -> type:
+    """The transformers Trainer, its loss ``objective`` for kd and mix (sft: its own loss, unless
+    ``split`` computes the logits at the answer's positions only).
 
-    With ``on_policy``, a drawn share of the batches is rebuilt on the student's samples and
-    trained on the KD term alone (see :mod:`distill.train.onpolicy`).
+    With ``lengths`` (one per training item), batches are of rows of about the same length
+    (:class:`LengthBatches`). With ``on_policy``, a drawn share of the batches is rebuilt on the
+    student's samples and trained on the KD term alone (see :mod:`distill.train.onpolicy`).
     """
     from transformers import Trainer
 
-    if not objective.uses_teacher:
-        return Trainer
+    class GroupedTrainer(Trainer):
+        """The Trainer, its batches grouped by length when ``lengths`` are given."""
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            if lengths is None:
+                return super()._get_train_sampler(train_dataset)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return LengthBatches(lengths, self.args.per_device_train_batch_size, seed)
+
+    if not objective.uses_teacher and split is None:
+        return GroupedTrainer
     kd_only = Objective("kd", objective.temperature)
 
-    class DistillTrainer(Trainer):
+    class DistillTrainer(GroupedTrainer):
         """The Trainer whose loss is :class:`Objective`, with its parts in the logs."""
 
         # The objective returns a per-batch mean: the Trainer divides it over accumulation
@@ -72,7 +88,7 @@ def _trainer_class(objective: Objective, on_policy: OnPolicy | None = None) -> t
                 )
                 parts = {"kd_on_policy": parts["kd"]}
             else:
-                loss, parts = objective(model, inputs)
+                loss, parts = objective(model, inputs, split)
             for name, value in parts.items():
                 self._parts.setdefault(name, []).append(value)
             return (loss, None) if return_outputs else loss
@@ -158,7 +174,19 @@ def train_loop(
                 parts = "".join(f", {k} {logs[k]:.4f}" for k in names if k in logs)
                 log.info("step %d: loss %.4f%s", state.global_step, logs["loss"], parts)
 
-    trainer = _trainer_class(objective, on_policy)(
+    # Logits at the answer's positions only, unless DDP wraps the model (its forward must run)
+    # or Liger's fused cross-entropy already skips them (sft with fused kernels).
+    split = None
+    if here.world_size == 1 and (objective.uses_teacher or not plan.fused_kernels):
+        split = split_head(model)
+    grouped = args.group_by_length and not plan.packing
+    lengths = [len(e.input_ids) for e in items] if grouped else None
+    log.info(
+        "batches: %s; logits: %s",
+        "grouped by length" if grouped else ("packed" if plan.packing else "random"),
+        "at the answer's positions" if split else "at every position",
+    )
+    trainer = _trainer_class(objective, on_policy, split, lengths)(
         model=model,
         args=training_args,
         train_dataset=ListDataset(items),  # type: ignore[arg-type]
@@ -184,6 +212,8 @@ def train_loop(
         "epochs": round(float(state.epoch or 0), 3),
         "train_loss": round(float(result.training_loss), 4),
         "losses": losses,
+        "batches": "grouped by length" if grouped else ("packed" if plan.packing else "random"),
+        "logits": "answer positions" if split else "every position",
         "train_seconds": round(elapsed, 2),
         "seconds_per_step": round(elapsed / steps_run, 4) if steps_run else None,
         "tokens_per_second": round(steps_run * tokens_per_step / elapsed, 1) if elapsed else None,

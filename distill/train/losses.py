@@ -52,6 +52,52 @@ def topk_kl(student_logits: Any, top_ids: Any, top_logprobs: Any, temperature: f
 
 
 @dataclass(frozen=True)
+class SplitHead:
+    """A causal LM as its decoder and its output layer, for logits at chosen positions only.
+
+    Only the answer's positions carry a loss, yet a model's forward projects every position
+    onto the vocabulary: with SmolLM2's 49k tokens that projection is a third of a CPU step's
+    forward, and three quarters of the positions of the demo's padded batches are prompt or
+    padding. :func:`split_head` checks that ``head(decoder(x))`` is the model's own forward.
+    """
+
+    decoder: Any
+    head: Any
+
+
+def split_head(model: Any) -> SplitHead | None:
+    """The model's decoder and output layer when together they give its logits, else None.
+
+    Checked on a short probe in eval mode: a model whose forward does more than project the
+    last hidden state (logit soft-capping or scaling) gets None, and trains on full logits.
+    """
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is base:
+        return None
+    device = next(model.parameters()).device
+    probe = (torch.arange(3, 19, device=device) % base.config.get_text_config().vocab_size)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=probe).logits.float()
+            split = head(decoder(input_ids=probe).last_hidden_state).float()
+    except (TypeError, AttributeError, ValueError, RuntimeError):
+        return None
+    finally:
+        model.train(was_training)
+    if full.shape != split.shape or not torch.allclose(full, split, rtol=1e-4, atol=1e-5):
+        return None
+    return SplitHead(decoder, head)
+
+
+@dataclass(frozen=True)
 class Objective:
     """What the training step minimises: ``sft``, ``kd`` or ``mix`` (see :mod:`.losses`)."""
 
@@ -64,15 +110,31 @@ class Objective:
         """Whether batches must carry the teacher's targets."""
         return self.loss in ("kd", "mix")
 
-    def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    def __call__(
+        self, model: Any, batch: dict[str, Any], split: SplitHead | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         """The loss of one batch and its parts (``ce``, ``kd``: detached tensors, for the logs).
 
-        The parts stay tensors so that a step never waits for the device just to log them.
+        With ``split``, logits are computed only where a loss term needs them. The parts stay
+        tensors so that a step never waits for the device just to log them.
         """
+        inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+        if split is not None:
+            labels = batch["labels"][:, 1:]
+            ids = batch["teacher_ids"][:, 1:] if self.uses_teacher else None
+            needed = labels != IGNORE_INDEX
+            if ids is not None:
+                targets = ids[..., 0] >= 0
+                needed = targets if self.loss == "kd" else needed | targets
+            hidden = split.decoder(**inputs).last_hidden_state[:, :-1]
+            logits = split.head(hidden[needed])
+            lps = batch["teacher_logprobs"][:, 1:][needed] if ids is not None else None
+            return self.from_positions(
+                logits, labels[needed], ids[needed] if ids is not None else None, lps
+            )
         if not self.uses_teacher:
             out = model(**batch)
             return out.loss, {"ce": out.loss.detach()}
-        inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
         # No labels: the model returns logits (Liger's fused cross-entropy would skip them).
         logits = model(**inputs).logits
         return self.from_logits(
@@ -83,31 +145,47 @@ class Objective:
         self, logits: Any, labels: Any, teacher_ids: Any, teacher_logprobs: Any
     ) -> tuple[Any, dict[str, Any]]:
         """The loss from logits [B, L, V] and targets at token positions [B, L(, K)]."""
+        shifted = logits[:, :-1]
+        labels = labels[:, 1:]
+        ids = teacher_ids[:, 1:]
+        needed = (labels != IGNORE_INDEX) | (ids[..., 0] >= 0)
+        return self.from_positions(
+            shifted[needed], labels[needed], ids[needed], teacher_logprobs[:, 1:][needed]
+        )
+
+    def from_positions(
+        self, logits: Any, labels: Any, teacher_ids: Any = None, teacher_logprobs: Any = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """The loss from the logits [N, V] of the positions that carry a term, and their targets:
+        labels [N] (``IGNORE_INDEX``: no cross-entropy there), teacher ids and log-probabilities
+        [N, K] (ids -1: no KD there). Each term is a mean over the positions it covers."""
         import torch
 
-        shifted = logits[:, :-1]
-        ids = teacher_ids[:, 1:]
-        has_target = ids[..., 0] >= 0
-        if bool(has_target.any()):
-            kl = topk_kl(
-                shifted[has_target],
-                ids[has_target],
-                teacher_logprobs[:, 1:][has_target],
-                self.temperature,
-            )
-            kd = kl.mean() * self.temperature**2
-        else:  # a batch of rows without targets (mix): the graph stays, the term is zero
-            kd = shifted.sum() * 0.0
-        parts = {"kd": kd.detach()}
-        if self.loss == "kd":
-            return kd, parts
-        target = labels[:, 1:]
-        ce = torch.nn.functional.cross_entropy(
-            shifted.float().reshape(-1, shifted.size(-1)),
-            target.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-        )
+        parts: dict[str, Any] = {}
+        kd = ce = None
+        if self.uses_teacher:
+            has_target = teacher_ids[:, 0] >= 0
+            if bool(has_target.any()):
+                kl = topk_kl(
+                    logits[has_target],
+                    teacher_ids[has_target],
+                    teacher_logprobs[has_target],
+                    self.temperature,
+                )
+                kd = kl.mean() * self.temperature**2
+            else:  # a batch of rows without targets (mix): the graph stays, the term is zero
+                kd = logits.sum() * 0.0
+            parts["kd"] = kd.detach()
+            if self.loss == "kd":
+                return kd, parts
+        has_label = labels != IGNORE_INDEX
+        if bool(has_label.any()):
+            ce = torch.nn.functional.cross_entropy(logits[has_label].float(), labels[has_label])
+        else:  # nothing to predict in this batch (every answer cut off): a zero with a graph
+            ce = logits.sum() * 0.0
         parts["ce"] = ce.detach()
+        if kd is None:
+            return ce, parts
         return (1.0 - self.weight) * ce + self.weight * kd, parts
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from distill.encoding import IGNORE_INDEX, encode_all
 from distill.records import record_from_dict
-from distill.train.data import Collator, data_record, pack
+from distill.train.data import Collator, LengthBatches, data_record, pack
 
 EARLIER = "Oui, je suis là, je t'écoute."
 ANSWER = "Ben oui, on va jaser de hockey."
@@ -88,3 +88,45 @@ def test_with_the_teachers_token_ids_a_conversation_learns_those_ids_alone(
     assert [t for t in example.labels if t != IGNORE_INDEX] == ids
     prompt = tokenizer.decode(example.input_ids[: -len(ids)], skip_special_tokens=True)
     assert EARLIER in prompt and "hockey?" in prompt
+
+
+def _padding(batches: list[list[int]], lengths: list[int]) -> float:
+    """Padded tokens over real tokens, for batches of row indices."""
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return padded / sum(lengths)
+
+
+def test_length_batches_pad_little_and_serve_every_row_once_per_epoch() -> None:
+    import random
+
+    draw = random.Random(1)
+    lengths = [draw.randint(40, 400) for _ in range(157)]  # 19 batches of 8 and one of 5
+    sampler = LengthBatches(lengths, batch_size=8, seed=0)
+    batches = sampler.batches()
+    assert sorted(i for b in batches for i in b) == list(range(157))
+    assert [len(b) for b in batches] == [8] * 19 + [5]  # the short batch last, always
+    assert list(sampler) == [i for b in batches for i in b]
+    shuffled = list(range(157))
+    draw.shuffle(shuffled)
+    at_random = [shuffled[i : i + 8] for i in range(0, 157, 8)]
+    assert _padding(batches, lengths) < 1.1 < _padding(at_random, lengths)
+    # Not long rows first then short: the batches come in a drawn order.
+    widths = [max(lengths[i] for i in b) for b in batches[:-1]]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+
+
+def test_length_batches_are_repeatable_per_epoch_and_change_between_epochs() -> None:
+    lengths = [50 + (i * 37) % 300 for i in range(64)]
+    first = LengthBatches(lengths, 8, seed=3)
+    again = LengthBatches(lengths, 8, seed=3)
+    assert first.batches() == again.batches()  # a resumed run sees the same order
+    first.set_epoch(1)
+    assert first.batches() != again.batches()
+    again.set_epoch(1)
+    assert first.batches() == again.batches()
+    # The jitter changes which rows share a batch, not only the batches' order.
+    first.set_epoch(0)
+    rows_together = {frozenset(b) for b in first.batches()}
+    first.set_epoch(1)
+    assert rows_together != {frozenset(b) for b in first.batches()}
+    assert LengthBatches(lengths, 8, seed=4).batches() != again.batches()

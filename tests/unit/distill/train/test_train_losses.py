@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 from distill.encoding import IGNORE_INDEX
 from distill.train.data import Collator, pack
-from distill.train.losses import Objective, topk_kl
+from distill.train.losses import Objective, split_head, topk_kl
 from distill.train.teacher import TeacherTargets, TrainExample
 
 
@@ -139,3 +141,59 @@ def test_logits_at_t_are_scored_against_the_targets_of_token_t_plus_1() -> None:
         late, batch["labels"], batch["teacher_ids"], batch["teacher_logprobs"]
     )
     assert float(misaligned) > 1.0
+
+
+def _lora(model_dir: Path) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    for name, param in model.named_parameters():  # B = 0 at init: make the adapters count
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return model.train()
+
+
+def _grads(model: Any) -> list[Any]:
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("loss", ["sft", "kd", "mix"])
+def test_logits_at_the_answers_positions_give_the_full_forwards_loss_and_gradients(
+    tiny_model: Path, loss: str
+) -> None:
+    model = _lora(tiny_model)
+    split = split_head(model)
+    assert split is not None
+    examples = [example([5, 6, 7], [10, 11, 12, 3]), example([5, 8, 9, 9, 9, 9], [13, 3])]
+    batch = Collator(pad_id=0, packed=False, teacher=True)(examples)
+    objective = Objective(loss, 2.0, 0.3)
+    if loss == "sft":  # the model's own loss, from every position's logits
+        keys = ("input_ids", "attention_mask", "labels")
+        full = model(**{k: batch[k] for k in keys}).loss
+    else:
+        full, _ = objective(model, batch)
+    full.backward()
+    expected = _grads(model)
+    sparse, parts = objective(model, batch, split)
+    sparse.backward()
+    assert float(sparse.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+    assert set(parts) == {"sft": {"ce"}, "kd": {"kd"}, "mix": {"ce", "kd"}}[loss]
+    for got, want in zip(_grads(model), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_that_scales_its_logits_keeps_the_full_forward() -> None:
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    config = GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                           logits_scaling=4.0)  # fmt: skip
+    assert split_head(GraniteForCausalLM(config)) is None  # head(decoder(x)) is 4x its logits
+    config.logits_scaling = 1.0
+    assert split_head(GraniteForCausalLM(config)) is not None
