@@ -226,6 +226,8 @@ def test_an_existing_output_is_not_overwritten_silently(tmp_path: Path) -> None:
         ({"skip_existing": True, "overwrite": True}, "pick one"),
         ({"top_p": 0}, "--top-p"),
         ({"output": Path("in.jsonl")}, "--output must differ from --input"),
+        ({"logprobs": 257}, r"--logprobs must be in \[0, 256\] with a local teacher"),
+        ({"logprobs": 21, "teacher_url": "http://127.0.0.1:1"}, r"\[0, 20\] with --teacher-url"),
     ],
     ids=[
         "zero batch size",
@@ -234,6 +236,8 @@ def test_an_existing_output_is_not_overwritten_silently(tmp_path: Path) -> None:
         "resume and overwrite",
         "zero top-p",
         "output over input",
+        "more log-probabilities than the local store keeps",
+        "more log-probabilities than a server returns",
     ],
 )
 def test_bad_arguments_fail_before_anything_runs(changes: dict, message: str) -> None:
