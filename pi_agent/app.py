@@ -4,8 +4,10 @@
 embeddings are proxied to the supervised llama-servers on 127.0.0.1, server-sent events chunk by
 chunk. A model switch probes the new model with a real prompt and rolls back by itself when the
 probe fails; a switch interrupted by a kill is finished (probed, kept or rolled back) at the next
-start. ``/v1/blobs/<sha256>`` serves installed GGUFs to the other Pis (byte ranges, sendfile), to
-the agent's token or the fleet's peer token, which opens nothing else. The API is served over
+start. The encoder (embeddings) has a store and a switcher of its own under the same rules, at
+``/v1/encoder/models...`` (``pi_agent.encoder``). ``/v1/blobs/<sha256>`` serves installed GGUFs
+to the other Pis (byte ranges, sendfile), to the agent's token or the fleet's peer token, which
+opens nothing else. The API is served over
 HTTPS when the config names a certificate (``pi_agent.tls``), and with ``store.allowlist_file``
 only the listed sha256s are installed and activated (``pi_agent.allowlist``).
 """
@@ -28,6 +30,8 @@ from typing import Any
 from pi_agent import __version__, http, metrics, sdnotify, structured, tls
 from pi_agent.allowlist import Allowlist
 from pi_agent.config import Config
+from pi_agent.encoder import EncoderServer, store_root
+from pi_agent.gguf import expect_kind
 from pi_agent.host import Host, decode_throttled
 from pi_agent.http import (
     AnyResponse,
@@ -72,6 +76,7 @@ class Agent(ModelRoutes):
         self.port = 0
         self._bench_lock = asyncio.Lock()
         self.switcher = Switcher(self)
+        self.encoder_switcher = Switcher(EncoderServer(self))
         self._ready_cache: tuple[float, bool] = (0.0, False)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -91,13 +96,19 @@ class Agent(ModelRoutes):
         self.host = Host(Path(agent["root"]))
         store = cfg["store"]
         listed = Allowlist(store["allowlist_file"]) if store["allowlist_file"] else None
-        self.store = ModelStore(
-            self.state_dir / "models",
-            store["keep_versions"],
-            int(store["free_space_margin_mib"] * (1 << 20)),
-            Path(store["incoming_dir"] or self.state_dir / "incoming"),
-            admit=listed.check if listed is not None else None,
-        )
+
+        def model_store(root: Path, kind: str, other_route: str) -> ModelStore:
+            return ModelStore(
+                root,
+                store["keep_versions"],
+                int(store["free_space_margin_mib"] * (1 << 20)),
+                Path(store["incoming_dir"] or self.state_dir / "incoming"),
+                admit=listed.check if listed is not None else None,
+                inspect=expect_kind(kind, other_route),
+            )
+
+        self.store = model_store(self.state_dir / "models", "decoder", "/v1/encoder/models")
+        self.encoder_store = model_store(store_root(self.store.root), "encoder", "/v1/models")
         self.bin_dir = Path(cfg["llama"]["bin_dir"])
         sources = {
             "thermal": lambda: metrics.ThermalCollector(self.host),
@@ -119,18 +130,21 @@ class Agent(ModelRoutes):
         explicit = self.cfg[role]["model"]
         if explicit:
             return Path(explicit)
-        return self.store.active_model() if role == "decoder" else None
+        return (self.store if role == "decoder" else self.encoder_store).active_model()
 
-    async def _sync_supervisors(self, force: bool = False) -> None:
-        for role in ("decoder", "encoder"):
+    async def _sync_supervisors(
+        self, force: bool = False, roles: tuple[str, ...] = ("decoder", "encoder")
+    ) -> None:
+        for role in roles:
             section = self.cfg[role]
             sup = self.supervisors.get(role)
-            if not section["enabled"]:
+            model = self._model_for(role)
+            # An encoder runs only with a model: a Pi without one is ready on its decoder alone.
+            if not section["enabled"] or (role == "encoder" and model is None):
                 if sup is not None:
                     await sup.stop()
                     del self.supervisors[role]
                 continue
-            model = self._model_for(role)
             if sup is None:
                 sup = self.supervisors[role] = Supervisor(
                     role,
@@ -172,10 +186,15 @@ class Agent(ModelRoutes):
         """Recover the store, start llama-servers, listen; returns the bound port."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.store.recover)
+        await asyncio.to_thread(self.encoder_store.recover)
         self._spawn(self._llama_version())
         await self._sync_supervisors()
-        if (self.store.root / PENDING).is_file():
-            self._spawn(self.switcher.finish_interrupted(self.store))
+        for store, switcher in (
+            (self.store, self.switcher),
+            (self.encoder_store, self.encoder_switcher),
+        ):
+            if (store.root / PENDING).is_file():
+                self._spawn(switcher.finish_interrupted(store))
         agent = self.cfg["agent"]
         self.port = await self.server.start(agent["listen"], agent["port"])
         scheme = "https" if self.server.ssl_context is not None else "http"
@@ -262,6 +281,8 @@ class Agent(ModelRoutes):
             "/v1/embeddings": {"POST": self.embeddings},
             "/v1/models": {"GET": self.list_models, "POST": self.install},
             "/v1/models/rollback": {"POST": self.rollback},
+            "/v1/encoder/models": {"GET": self.list_models, "POST": self.install},
+            "/v1/encoder/models/rollback": {"POST": self.rollback},
             "/v1/bench": {"GET": self.last_bench, "POST": self.run_bench},
             "/v1/bench/csv": {"GET": self.last_bench_csv},
         }
@@ -327,7 +348,7 @@ class Agent(ModelRoutes):
                 and all(state == "ready" for state in states.values())
             )
             self._ready_cache = (now, ready)
-        ready = ready and not self.switcher.lock.locked()
+        ready = ready and not any(s.lock.locked() for s in (self.switcher, self.encoder_switcher))
         body = {"ready": ready, "servers": states}
         return Response.json(body, 200 if ready else 503, {} if ready else {"Retry-After": "1"})
 
@@ -350,12 +371,14 @@ class Agent(ModelRoutes):
             except (OSError, ValueError):
                 return None
 
-        active = self.store.active()
-        model = None
-        if active:
-            with contextlib.suppress(StoreError):
-                manifest = self.store.manifest(active)
-                model = {k: manifest.get(k) for k in ("name", "version", "sha256", "size")}
+        def active_model(store: ModelStore) -> dict[str, Any] | None:
+            active = store.active()
+            if active:
+                with contextlib.suppress(StoreError):
+                    manifest = store.manifest(active)
+                    return {k: manifest.get(k) for k in ("name", "version", "sha256", "size")}
+            return None
+
         throttled = await host.throttled_async(self.cfg["metrics"]["vcgencmd"])
         return Response.json({
             "agent": {"version": __version__, "uptime_s": round(time.time() - self.started, 3),
@@ -368,7 +391,8 @@ class Agent(ModelRoutes):
             "throttled": None if throttled is None else {
                 "raw": hex(throttled[0]), "source": throttled[1], **decode_throttled(throttled[0])},
             "zram": safe(host.zram),
-            "model": model,
+            "model": active_model(self.store),
+            "encoder_model": active_model(self.encoder_store),
             "llama_cpp": {"build": self.cfg["llama"]["build"], "version": self.llama_version},
             "servers": {role: {"state": s.state, "restarts": s.restarts, "pid": s.pid,
                                "last_error": s.last_error}

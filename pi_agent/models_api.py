@@ -1,7 +1,10 @@
 """The agent's model routes: list, read, install (upload, URL, incoming folder), delete,
 activate and roll back versions, and serve their blobs to the other Pis.
 
-A mixin of :class:`pi_agent.app.Agent`, which holds the store, the switcher and the
+``/v1/models...`` acts on the decoder's store, ``/v1/encoder/models...`` on the encoder's
+(``pi_agent.encoder``): the same handlers, each store with its own switcher.
+
+A mixin of :class:`pi_agent.app.Agent`, which holds the stores, the switchers and the
 configuration these handlers use; a switch itself is :mod:`pi_agent.switch`'s.
 """
 
@@ -12,26 +15,38 @@ import os
 import re
 from typing import Any
 
+from pi_agent.encoder import ENCODER_PREFIX
 from pi_agent.http import FileResponse, HTTPError, Request, Response, byte_range
 from pi_agent.install import install_upload
-from pi_agent.store import SHA256_RE, StoreError
+from pi_agent.store import SHA256_RE, ModelStore, StoreError
+from pi_agent.switch import Switcher
 
-VERSION_PATH = re.compile(r"^/v1/models/([^/]+)(/activate)?$")
+# /v1/models/<version>[/activate] and /v1/encoder/models/<version>[/activate]
+VERSION_PATH = re.compile(r"^/v1/(?:encoder/)?models/([^/]+)(/activate)?$")
 BLOB_PATH = re.compile(r"^/v1/blobs/([^/]*)$")
 
 
 class ModelRoutes:
-    """``/v1/models...`` and ``/v1/blobs/<sha256>``."""
+    """``/v1/models...``, ``/v1/encoder/models...`` and ``/v1/blobs/<sha256>``."""
 
-    # Set by Agent: the store, the switcher, the config, blob counters, the client TLS context.
-    store: Any
-    switcher: Any
+    # Set by Agent: the stores and their switchers, the config, blob counters, the client TLS
+    # context.
+    store: ModelStore
+    switcher: Switcher
+    encoder_store: ModelStore
+    encoder_switcher: Switcher
     cfg: Any
     blob_stats: Any
     client_tls: Any
 
     async def _body(self, request: Request, schema: str, required: bool = True) -> dict[str, Any]:
         raise NotImplementedError  # Agent's
+
+    def _target(self, request: Request) -> tuple[ModelStore, Switcher]:
+        """The store and the switcher a request is for: the encoder's or the decoder's."""
+        if request.path.startswith(ENCODER_PREFIX):
+            return self.encoder_store, self.encoder_switcher
+        return self.store, self.switcher
 
     def _model_entry(self, manifest: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -46,43 +61,46 @@ class ModelRoutes:
 
     async def list_models(self, request: Request) -> Response:
         """Installed versions, in OpenAI's list shape."""
+        store, _ = self._target(request)
         return Response.json(
-            {"object": "list", "data": [self._model_entry(m) for m in self.store.list()]}
+            {"object": "list", "data": [self._model_entry(m) for m in store.list()]}
         )
 
     async def get_model(self, request: Request) -> Response:
         """One version's manifest."""
         version = VERSION_PATH.match(request.path).group(1)  # type: ignore[union-attr]
-        manifest = self.store.manifest(version)
-        manifest["active"] = version == self.store.active()
-        manifest["previous"] = version == self.store.previous_version()
+        store, _ = self._target(request)
+        manifest = store.manifest(version)
+        manifest["active"] = version == store.active()
+        manifest["previous"] = version == store.previous_version()
         return Response.json(self._model_entry(manifest))
 
     async def install(self, request: Request) -> Response:
         """Install from a URL or a file in the incoming folder (verified by sha256), optionally
         activating it."""
         body = await self._body(request, "InstallRequest")
+        store, _ = self._target(request)
         if "path" in body:
             manifest = await asyncio.to_thread(
-                self.store.install_path,
+                store.install_path,
                 body["version"],
                 body["path"],
                 body["sha256"],
                 body.get("name", ""),
             )
         else:
-            manifest = await self._install_url(body)
+            manifest = await self._install_url(store, body)
         if body.get("activate"):
-            return await self._switch(body["version"], created=True)
+            return await self._switch(request, body["version"], created=True)
         return Response.json(manifest, 201)
 
-    async def _install_url(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _install_url(self, store: ModelStore, body: dict[str, Any]) -> dict[str, Any]:
         from pi_agent.download import install_url  # urllib.request: only when needed
 
         try:
             return await asyncio.to_thread(
                 install_url,
-                self.store,
+                store,
                 body["version"],
                 body["url"],
                 body["sha256"],
@@ -129,7 +147,7 @@ class ModelRoutes:
         if request.content_length > limit:
             raise HTTPError(413, f"upload larger than {limit} bytes")
         manifest = await install_upload(
-            self.store,
+            self._target(request)[0],
             request,
             version,
             request.query.get("sha256", ""),
@@ -141,23 +159,25 @@ class ModelRoutes:
     async def delete_model(self, request: Request) -> Response:
         """Delete a version that is neither active nor previous."""
         version = VERSION_PATH.match(request.path).group(1)  # type: ignore[union-attr]
-        async with self.switcher.lock:
-            await asyncio.to_thread(self.store.remove, version)
+        store, switcher = self._target(request)
+        async with switcher.lock:
+            await asyncio.to_thread(store.remove, version)
         return Response.json({"deleted": version})
 
     async def activate(self, request: Request) -> Response:
         """Switch to a version, probe it, roll back if the probe fails."""
         version = VERSION_PATH.match(request.path).group(1)  # type: ignore[union-attr]
-        return await self._switch(version)
+        return await self._switch(request, version)
 
     async def rollback(self, request: Request) -> Response:
         """Switch back to the previous version."""
-        previous = self.store.previous_version()
+        previous = self._target(request)[0].previous_version()
         if previous is None:
             raise HTTPError(409, "no previous model version to roll back to")
-        return await self._switch(previous)
+        return await self._switch(request, previous)
 
-    async def _switch(self, version: str, created: bool = False) -> Response:
-        done = await self.switcher.switch(self.store, version)
-        done["sha256"] = self.store.manifest(version)["sha256"]
+    async def _switch(self, request: Request, version: str, created: bool = False) -> Response:
+        store, switcher = self._target(request)
+        done = await switcher.switch(store, version)
+        done["sha256"] = store.manifest(version)["sha256"]
         return Response.json(done, 201 if created else 200)

@@ -7,6 +7,7 @@ passed on to llama-server to fail there.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from pi_agent import __version__
@@ -424,6 +425,25 @@ def document() -> dict[str, Any]:
         paths[path][method]["responses"]["403"]["description"] = (
             "Invalid token, or a sha256 not in the allowlist (store.allowlist_file)"
         )
+    for path, method in (("/v1/models", "post"), ("/v1/models/{version}", "put")):
+        paths[path][method]["responses"]["422"]["description"] = (
+            "sha256 or size mismatch, an unreachable URL, or a GGUF whose header says it is "
+            "of the other kind (an encoder on /v1/models, a decoder on /v1/encoder/models)"
+        )
+    # The encoder's store: the same routes and rules under /v1/encoder/models.
+    for path in [p for p in paths if p.startswith("/v1/models")]:
+        routes = copy.deepcopy(paths[path])
+        for method, operation in routes.items():
+            if method != "parameters":
+                summary = operation["summary"]
+                operation["summary"] = f"Encoder (embeddings): {summary[0].lower()}{summary[1:]}"
+        paths[path.replace("/v1/models", "/v1/encoder/models", 1)] = routes
+    paths["/v1/encoder/models/{version}/activate"]["post"]["description"] = (
+        "The encoder's llama-server (--embedding) restarts on the version and is probed with one "
+        "embedding request: the vector must have the model's size (its GGUF's "
+        "<arch>.embedding_length), else the previous version is back (409). /v1/embeddings is "
+        "served once a version is active (unless encoder.enabled is false or encoder.model is set)."
+    )
     return {
         "openapi": "3.1.0",
         "info": {

@@ -22,6 +22,7 @@ open the store too. A second install of a version waits, then finds it installed
 
 With an ``admit`` check (``pi_agent.allowlist``), an install is refused on its declared sha256
 before a byte is written, and again on the computed one at the commit; switches check it too.
+An ``inspect`` check reads the verified weights before the commit (the GGUF's kind).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class ModelStore:
         margin_bytes: int = 0,
         incoming_dir: Path | None = None,
         admit: Callable[[str], None] | None = None,
+        inspect: Callable[[Path], None] | None = None,
     ) -> None:
         self.root = Path(root)
         self.versions = self.root / "versions"
@@ -84,6 +86,7 @@ class ModelStore:
         self.margin_bytes = margin_bytes
         self.incoming_dir = Path(incoming_dir) if incoming_dir is not None else None
         self._admit = admit
+        self._inspect = inspect  # refuses weights of the wrong kind (pi_agent.gguf.expect_kind)
 
     def check_allowed(self, sha256: str) -> None:
         """Raise the ``StoreError`` (403) of the ``admit`` check when it refuses ``sha256``."""
@@ -567,6 +570,8 @@ class Incoming:
         self.store._check_space(0)  # the weights are on disk now: is the margin left?
         if self.size_hint is not None and self.size != self.size_hint:
             raise StoreError(f"expected {self.size_hint} bytes, got {self.size}", 422)
+        if self.store._inspect is not None:
+            self.store._inspect(self.dir / MODEL_FILE)
         manifest = {
             "version": self.version,
             "name": self.name,

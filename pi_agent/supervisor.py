@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import socket
 import time
@@ -249,8 +250,11 @@ class Supervisor:
         slots = json.loads(await slots_resp.read()) if slots_resp.status == 200 else []
         return text, slots if isinstance(slots, list) else []
 
-    async def probe(self, prompt: str, max_tokens: int, timeout: float) -> str | None:
-        """A real completion; ``None`` when it works, else why it failed."""
+    async def probe(
+        self, prompt: str, max_tokens: int, timeout: float, dims: int | None = None
+    ) -> str | None:
+        """A real completion (an embedding of ``dims`` numbers for the encoder, when the size
+        is known); ``None`` when it works, else why it failed."""
         if not await self.wait_ready(timeout, fail_on_exit=True):
             return f"{self.role} not ready: {self.last_error or self.state}"
         if self.role == "encoder":
@@ -264,6 +268,25 @@ class Supervisor:
             return f"probe failed: {exc}"
         if resp.status != 200:
             return f"probe answered {resp.status}: {str(data)[:200]}"
-        if self.role == "decoder" and not data.get("choices"):
+        if self.role == "encoder":
+            return embedding_failure(data, dims)
+        if not data.get("choices"):
             return "probe returned no choices"
         return None
+
+
+def embedding_failure(data: Any, dims: int | None) -> str | None:
+    """Why an OpenAI embeddings answer is not one vector of ``dims`` numbers (``None``: it is)."""
+    try:
+        vector = data["data"][0]["embedding"]
+    except (KeyError, IndexError, TypeError):
+        return "probe returned no embedding"
+    if not isinstance(vector, list) or not all(
+        isinstance(x, int | float) and not isinstance(x, bool) for x in vector
+    ):
+        return "probe returned an embedding that is not a list of numbers"
+    if dims is not None and len(vector) != dims:
+        return f"probe returned a vector of {len(vector)} numbers, not the model's {dims}"
+    if not vector or not all(math.isfinite(x) for x in vector) or not any(vector):
+        return "probe returned an empty, zero or non-finite vector"
+    return None

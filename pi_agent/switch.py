@@ -1,5 +1,6 @@
-"""Model switches: activate a version, probe it on the decoder, roll back when the probe fails,
-and finish at the next start a switch that a stop interrupted.
+"""Model switches: activate a version, probe it on the llama-server that serves the store (the
+decoder's, or the encoder's: one ``Switcher`` each), roll back when the probe fails, and finish
+at the next start a switch that a stop interrupted.
 
 A switch writes ``pending-switch.json`` (the version it leaves, the one it activates, and the
 ``previous`` link before it) before it moves a link, and removes it only once the switch is
@@ -9,8 +10,8 @@ at the next start from the links as they are. Whatever the point of the stop, th
 serves a probed model: the new one only if it passes its probe, else the old one.
 
 A rollback restores both links as they were before the switch, so ``previous`` is never the
-version that failed: ``POST /v1/models/rollback`` cannot bring it back, and the version that was
-``previous`` stays protected from pruning.
+version that failed: ``POST /v1/models/rollback`` (``/v1/encoder/models/rollback``) cannot bring
+it back, and the version that was ``previous`` stays protected from pruning.
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ log = logging.getLogger(__name__)
 PENDING = "pending-switch.json"
 
 
-class Decoder(Protocol):
-    """What a switch needs of the decoder serving the store's active model."""
+class Server(Protocol):
+    """What a switch needs of the llama-server serving the store's active model."""
 
     async def restart(self) -> str | None:
         """Restart on the active model and probe it: ``None`` when it answers (or when nothing
         serves the store's model), else why it failed."""
 
     async def probe(self) -> str | None:
-        """Probe the running decoder, as ``restart`` does."""
+        """Probe the running server, as ``restart`` does."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ class Pending:
 class Switcher:
     """One switch at a time (``lock``, which deletes and prunes take too)."""
 
-    def __init__(self, decoder: Decoder) -> None:
-        self.decoder = decoder
+    def __init__(self, server: Server) -> None:
+        self.server = server
         self.lock = asyncio.Lock()
 
     async def switch(self, store: ModelStore, version: str) -> dict[str, Any]:
@@ -90,7 +91,7 @@ class Switcher:
             decided = False  # until then a stop (a cancelled request) leaves the marker
             try:
                 await asyncio.to_thread(store.switch, version, False)
-                failure = await self.decoder.restart()
+                failure = await self.server.restart()
                 if failure is not None:
                     log.error(
                         "model %s failed its probe (%s); rolling back to %s", version, failure, old
@@ -110,7 +111,7 @@ class Switcher:
     ) -> tuple[int, str]:
         """Both links back as before ``pending``; the status and message that say how it ended."""
         await asyncio.to_thread(store.restore, pending.old, pending.previous_after_rollback)
-        again = await self.decoder.restart()  # on the old model, or stopped when there is none
+        again = await self.server.restart()  # on the old model, or stopped when there is none
         said = f"model {pending.new} failed its readiness probe ({failure})"
         if pending.old is None:
             return 409, f"{said}; no model is active: it was the first to be activated"
@@ -123,7 +124,7 @@ class Switcher:
         return 409, f"{said}; rolled back to {pending.old}"
 
     async def finish_interrupted(self, store: ModelStore) -> None:
-        """Decide a switch that a stop interrupted (at start, with the decoder started)."""
+        """Decide a switch that a stop interrupted (at start, with the server started)."""
         marker = store.root / PENDING
         try:
             pending = Pending.read(marker, store)
@@ -133,7 +134,7 @@ class Switcher:
         async with self.lock:
             active = store.active()
             if active == pending.new:
-                failure = await self.decoder.probe()
+                failure = await self.server.probe()
                 if failure is None:
                     log.info("interrupted switch to %s: it passes its probe, kept", active)
                     await asyncio.to_thread(store.restore, active, pending.old or pending.previous)
@@ -143,7 +144,7 @@ class Switcher:
                     log.warning("interrupted switch: %s", message)
             elif active == pending.old:  # stopped before the link moved, or after the rollback
                 await asyncio.to_thread(store.restore, active, pending.previous_after_rollback)
-                failure = await self.decoder.probe()
+                failure = await self.server.probe()
                 if failure is not None:
                     log.error(
                         "interrupted switch: %s is back and fails its probe (%s)", active, failure

@@ -13,6 +13,9 @@ The stand-in reads its ``--model`` once at start, as llama-server loads it: weig
 ``FAIL-PROBE`` get that 500 on every completion (a model that loads but cannot answer), weights
 that begin with ``FAIL-START`` make it exit with 1 at once (a model that does not load). Every
 completion names the weights it serves (``model``, the path with links resolved).
+
+``/v1/embeddings`` answers one vector of ``EMBEDDING_SIZE`` numbers per input, in OpenAI's
+shape, naming the weights too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 FAIL_GRAMMAR = 'root ::= "fail"'
+EMBEDDING_SIZE = 8
 MODEL = ""  # the resolved --model path
 BROKEN = False  # the weights begin with FAIL-PROBE
 
@@ -47,6 +51,13 @@ class Handler(BaseHTTPRequestHandler):
         if BROKEN or received.get("grammar") == FAIL_GRAMMAR or received.get("prompt") == "fail":
             message = "JSON schema conversion failed:\nstub: no grammar for this"
             self._answer(500, {"error": {"code": 500, "message": message, "type": "server_error"}})
+            return
+        if self.path == "/v1/embeddings":
+            inputs = received["input"] if isinstance(received["input"], list) else [1]
+            vector = [0.1 * (i + 1) for i in range(EMBEDDING_SIZE)]
+            data = [{"object": "embedding", "index": i, "embedding": vector}
+                    for i in range(len(inputs))]  # fmt: skip
+            self._answer(200, {"object": "list", "data": data, "model": MODEL})
             return
         if received.get("prompt") == "parser":
             message = "The model produced output that does not match the expected peg-native format"
