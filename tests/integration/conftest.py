@@ -69,3 +69,28 @@ def pi_agent_encoder_gguf(llama_tools) -> Path:
     digest = hashlib.sha256((source / "config.json").read_bytes()).hexdigest()[:16]
     out = _cache() / f"minilm-{digest}.gguf"
     return out if out.is_file() else _convert(llama_tools, source, out)
+
+
+@pytest.fixture(scope="session")
+def encoder_cosines():
+    """``cosines(sentences, vectors)``: the cosine of each vector (one an agent returned for each
+    sentence) with the embedded MiniLM's vector on the workstation, made as sentence-transformers
+    makes it (transformers, mean pooling over the attention mask)."""
+    from distill.models import embedded_encoder
+
+    def cosines(sentences: list[str], vectors: list[list[float]]) -> list[float]:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        source = embedded_encoder()
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModel.from_pretrained(source).eval()
+        batch = tokenizer(sentences, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        reference = (hidden * mask).sum(1) / mask.sum(1)
+        given = torch.tensor(vectors, dtype=reference.dtype)
+        return torch.nn.functional.cosine_similarity(given, reference, dim=1).tolist()
+
+    return cosines
