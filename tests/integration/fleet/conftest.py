@@ -1,5 +1,5 @@
-"""Fixtures of the fleet tests: the lab's image, a lab of stand-in Pis, the model to deploy,
-one zram test at a time.
+"""Fixtures of the fleet tests: the lab's image, a lab of stand-in Pis, the models to deploy
+(decoder and encoder), one zram test at a time.
 
 The image (a debootstrap root file system, cached under .cache/lab/) is made once per session and
 shared by the molecule scenarios and the lab; the lab is brought up once per session and taken
@@ -55,6 +55,14 @@ def zram_lock() -> Iterator[None]:
 def student_export(tmp_path_factory: pytest.TempPathFactory, pi_agent_tiny_gguf: Path) -> Path:
     """The tiny test model as a fake student export (distill export's layout and manifest)."""
     return make_export(tmp_path_factory.mktemp("student") / "dist", pi_agent_tiny_gguf.read_bytes())
+
+
+@pytest.fixture(scope="session")
+def encoder_export(tmp_path_factory: pytest.TempPathFactory, pi_agent_encoder_gguf: Path) -> Path:
+    """The embedded MiniLM's GGUF as an encoder export (distill export's layout, kind encoder)."""
+    weights = pi_agent_encoder_gguf.read_bytes()
+    out = tmp_path_factory.mktemp("encoder") / "dist"
+    return make_export(out, weights, name="minilm", kind="encoder")
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,9 @@ def require_container_tools() -> None:
         pytest.fail(f"missing {', '.join(missing)}: apt-get install podman runc debootstrap")
 
 
-def make_export(out: Path, weights: bytes, name: str = "student", quant: str = "F16") -> Path:
+def make_export(
+    out: Path, weights: bytes, name: str = "student", quant: str = "F16", kind: str = "decoder"
+) -> Path:
     """A folder laid out as `distill export` writes it: GGUF, its .sha256, manifest.json."""
     out.mkdir(parents=True, exist_ok=True)
     gguf = out / f"{name}-{quant}.gguf"
@@ -79,7 +81,7 @@ def make_export(out: Path, weights: bytes, name: str = "student", quant: str = "
     gguf.with_name(gguf.name + ".sha256").write_text(f"{digest}  {gguf.name}\n")
     manifest = {
         "name": name,
-        "kind": "decoder",
+        "kind": kind,
         "files": [{"quant": quant, "file": gguf.name, "bytes": len(weights), "sha256": digest}],
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
