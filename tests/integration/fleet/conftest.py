@@ -20,6 +20,12 @@ from fleet_helpers import LAB, ROOT, fleet_env, make_export, require_container_t
 LAB_HOSTS = 3
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``lab_down`` take the session's lab down: they run after every other test,
+    whichever modules share the lab (test_lab.py, test_lab_encoder.py, test_tui_lab.py)."""
+    items.sort(key=lambda item: item.get_closest_marker("lab_down") is not None)
+
+
 @pytest.fixture(scope="session")
 def lab_image() -> Iterator[str]:
     """The stand-in image (debootstrap once, cached; imported once per session)."""
