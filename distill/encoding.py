@@ -191,6 +191,62 @@ def pad_examples(examples: Sequence[Example], pad_id: int) -> tuple[Any, Any, An
     return ids, labels, mask
 
 
+@dataclass(frozen=True)
+class SplitHead:
+    """A causal LM as its decoder and its output layer, for logits at chosen positions only.
+
+    Only the answer's positions carry a loss, yet a model's forward projects every position
+    onto the vocabulary: with SmolLM2's 49k tokens that projection is a third of a CPU step's
+    forward, and three quarters of the positions of the demo's padded batches are prompt or
+    padding. :func:`split_head` checks that ``head(decoder(x))`` is the model's own forward.
+    Training (``distill.train.losses``) and the eval's teacher-forced passes both use it.
+    """
+
+    decoder: Any
+    head: Any
+
+
+def split_head(model: Any) -> SplitHead | None:
+    """The model's decoder and output layer when together they give its logits, else None.
+
+    Checked on a short probe in eval mode: a model whose forward does more than project the
+    last hidden state (logit soft-capping or scaling) gets None, and trains on full logits.
+    """
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is base:
+        return None
+    device = next(model.parameters()).device
+    probe = (torch.arange(3, 19, device=device) % base.config.get_text_config().vocab_size)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=probe).logits.float()
+            split = head(decoder(input_ids=probe).last_hidden_state).float()
+    except (TypeError, AttributeError, ValueError, RuntimeError):
+        return None
+    finally:
+        model.train(was_training)
+    if full.shape != split.shape or not torch.allclose(full, split, rtol=1e-4, atol=1e-5):
+        return None
+    return SplitHead(decoder, head)
+
+
+def answer_logits(model: Any, ids: Any, mask: Any, where: Any, split: SplitHead | None) -> Any:
+    """Next-token logits [N, V] at ``where`` (bool [B, L - 1]: position t predicts token t + 1),
+    through ``split`` when given (the output layer at those positions only)."""
+    if split is None:
+        return model(input_ids=ids, attention_mask=mask).logits[:, :-1][where]
+    hidden = split.decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    return split.head(hidden[where])
+
+
 def answer_perplexity(
     model: Any, examples: Sequence[Any], pad_id: int, batch_size: int = 4
 ) -> float | None:
@@ -205,20 +261,18 @@ def answer_perplexity(
     total_nll = 0.0
     total_tokens = 0
     try:
+        split = split_head(model)
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 ids, labels, mask = pad_examples(examples[start : start + batch_size], pad_id)
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                shifted = logits[:, :-1].float()
                 target = labels[:, 1:].to(device)
+                where = target != IGNORE_INDEX
+                logits = answer_logits(model, ids.to(device), mask.to(device), where, split)
                 nll = torch.nn.functional.cross_entropy(
-                    shifted.reshape(-1, shifted.size(-1)),
-                    target.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
+                    logits.float(), target[where], reduction="sum"
                 )
                 total_nll += float(nll)
-                total_tokens += int((target != -100).sum())
+                total_tokens += int(where.sum())
     finally:
         model.train(was_training)
     if total_tokens == 0:

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from distill.argspec import describe
-from distill.evaluate.agreement import teacher_forced
+from distill.evaluate.agreement import TEACHER, teacher_forced
 from distill.evaluate.answers import answer_scores, generate, json_rates, prompt_ids
 from distill.evaluate.args import EvalArgs, EvalError
 from distill.evaluate.heldout import (
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def run(args: EvalArgs) -> dict[str, Any]:
     """Measure, write ``eval.json`` and the model card's table; return the summary."""
     from distill.card_model import write_model_card
-    from distill.encoding import answer_perplexity, encode_all
+    from distill.encoding import encode_all
     from distill.models import resolve_model
 
     started = time.perf_counter()
@@ -60,12 +60,7 @@ def run(args: EvalArgs) -> dict[str, Any]:
     # Teacher-forced along the teacher's answers: agreement, KL, perplexities.
     forced = teacher_forced(teacher, students, examples, pad, vocab_size, args.batch_size)
     compared: dict[str, dict[str, Any]] = {
-        name: {
-            "model": str(paths[name]),
-            "answer_perplexity": answer_perplexity(model, examples, pad, args.batch_size),
-            **forced[name],
-        }
-        for name, model in students.items()
+        name: {"model": str(paths[name]), **forced[name]} for name in students
     }
     json_rows = [r for r in rows if r.requires_json and r.json_schema is not None]
     teacher_json = json_rates(
@@ -85,7 +80,7 @@ def run(args: EvalArgs) -> dict[str, Any]:
             "revision": teacher_source.get("revision"),
             "path": str(teacher_dir),
             "vocab_size": vocab_size,
-            "answer_perplexity": answer_perplexity(teacher, examples, pad, args.batch_size),
+            "answer_perplexity": forced[TEACHER]["answer_perplexity"],
             "json": teacher_json,
             "note": "the teacher's answers are the labelled ones (labelling may have retried "
             "or constrained them)",

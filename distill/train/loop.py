@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from distill.argspec import describe
-from distill.encoding import Example
+from distill.encoding import Example, SplitHead, split_head
 from distill.records import atomic_write_json
 from distill.train.args import TrainArgs
 from distill.train.data import Collator, LengthBatches, ListDataset, pack
 from distill.train.device import DevicePlan
-from distill.train.losses import Objective, SplitHead, split_head
+from distill.train.losses import Objective
 from distill.train.onpolicy import OnPolicy
 from distill.train.ranks import ranks
 

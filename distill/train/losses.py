@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from distill.encoding import IGNORE_INDEX
+from distill.encoding import IGNORE_INDEX, SplitHead
 
 
 def topk_kl(student_logits: Any, top_ids: Any, top_logprobs: Any, temperature: float = 1.0) -> Any:
@@ -49,52 +49,6 @@ def topk_kl(student_logits: Any, top_ids: Any, top_logprobs: Any, temperature: f
     # Bins the teacher gives no mass (empty slots, a rest of zero) add nothing: 0 * log 0 = 0.
     terms = torch.where(p > 0, p * (teacher_log - student_log), torch.zeros_like(p))
     return terms.sum(-1)
-
-
-@dataclass(frozen=True)
-class SplitHead:
-    """A causal LM as its decoder and its output layer, for logits at chosen positions only.
-
-    Only the answer's positions carry a loss, yet a model's forward projects every position
-    onto the vocabulary: with SmolLM2's 49k tokens that projection is a third of a CPU step's
-    forward, and three quarters of the positions of the demo's padded batches are prompt or
-    padding. :func:`split_head` checks that ``head(decoder(x))`` is the model's own forward.
-    """
-
-    decoder: Any
-    head: Any
-
-
-def split_head(model: Any) -> SplitHead | None:
-    """The model's decoder and output layer when together they give its logits, else None.
-
-    Checked on a short probe in eval mode: a model whose forward does more than project the
-    last hidden state (logit soft-capping or scaling) gets None, and trains on full logits.
-    """
-    import torch
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        decoder, head = base.get_decoder(), base.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if decoder is None or head is None or decoder is base:
-        return None
-    device = next(model.parameters()).device
-    probe = (torch.arange(3, 19, device=device) % base.config.get_text_config().vocab_size)[None]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            full = model(input_ids=probe).logits.float()
-            split = head(decoder(input_ids=probe).last_hidden_state).float()
-    except (TypeError, AttributeError, ValueError, RuntimeError):
-        return None
-    finally:
-        model.train(was_training)
-    if full.shape != split.shape or not torch.allclose(full, split, rtol=1e-4, atol=1e-5):
-        return None
-    return SplitHead(decoder, head)
 
 
 @dataclass(frozen=True)
@@ -199,22 +153,25 @@ def teacher_kl(model: Any, batches: list[dict[str, Any]], temperature: float = 1
     """
     import torch
 
+    from distill.encoding import answer_logits, split_head
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     try:
+        split = split_head(model)
         with torch.no_grad():
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
-                logits = model(**inputs).logits[:, :-1]
                 ids = batch["teacher_ids"][:, 1:]
                 has_target = ids[..., 0] >= 0
                 if not bool(has_target.any()):
                     continue
+                mask = batch.get("attention_mask")
+                logits = answer_logits(model, batch["input_ids"], mask, has_target, split)
                 kl = topk_kl(
-                    logits[has_target],
+                    logits,
                     ids[has_target],
                     batch["teacher_logprobs"][:, 1:][has_target],
                     temperature,

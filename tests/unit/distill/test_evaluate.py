@@ -47,14 +47,16 @@ def test_agreement_and_kl_on_hand_computed_logits() -> None:
     assert skewed.summary()["mean_kl"] == pytest.approx(expected, abs=1e-5)
     with pytest.raises(ValueError, match="different shapes"):
         agreement.add(teacher, student[:1])
-    assert Agreement().summary() == {"top1_agreement": None, "mean_kl": None, "tokens": 0}
+    assert Agreement().summary() == {
+        "answer_perplexity": None, "top1_agreement": None, "mean_kl": None, "tokens": 0
+    }  # fmt: skip
 
 
 def test_teacher_forced_counts_answer_tokens_only(tiny_model: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.encoding import Example
+    from distill.encoding import Example, answer_perplexity
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     student = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
@@ -65,7 +67,13 @@ def test_teacher_forced_counts_answer_tokens_only(tiny_model: Path) -> None:
     long = Example("b", list(range(30, 50)), [-100] * 15 + list(range(45, 50)))
     vocab = teacher.config.vocab_size
     result = teacher_forced(teacher, {"same": teacher, "other": student}, [short, long], 0, vocab)
-    assert result["same"] == {"top1_agreement": 1.0, "mean_kl": 0.0, "tokens": 9}
+    same = {k: v for k, v in result["same"].items() if k != "answer_perplexity"}
+    assert same == {"top1_agreement": 1.0, "mean_kl": 0.0, "tokens": 9}
+    # The same pass gives each model's perplexity of the answers, the teacher's too.
+    for name, model in (("teacher", teacher), ("same", teacher), ("other", student)):
+        alone_ppl = answer_perplexity(model, [short, long], 0)
+        assert result[name]["answer_perplexity"] == pytest.approx(alone_ppl, rel=1e-4)
+    assert result["other"]["answer_perplexity"] != result["teacher"]["answer_perplexity"]
     # By hand on the second example alone: logits at positions 14..18 predict tokens 15..19.
     with torch.no_grad():
         p = torch.log_softmax(teacher(input_ids=torch.tensor([long.input_ids])).logits[0], -1)
@@ -75,6 +83,8 @@ def test_teacher_forced_counts_answer_tokens_only(tiny_model: Path) -> None:
     assert alone["tokens"] == 5
     assert alone["mean_kl"] == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), abs=1e-5)
     assert alone["top1_agreement"] == float((p.argmax(-1) == q.argmax(-1)).float().mean())
+    nll = -q.gather(-1, torch.tensor(long.input_ids[15:20])[:, None]).mean()
+    assert alone["answer_perplexity"] == pytest.approx(math.exp(float(nll)), rel=1e-4)
     assert result["other"]["mean_kl"] > 0 and result["other"]["tokens"] == 9
 
 

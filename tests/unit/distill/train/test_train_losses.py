@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from distill.encoding import IGNORE_INDEX
+from distill.encoding import IGNORE_INDEX, split_head
 from distill.train.data import Collator, pack
-from distill.train.losses import Objective, split_head, topk_kl
+from distill.train.losses import Objective, topk_kl
 from distill.train.teacher import TeacherTargets, TrainExample
 
 
