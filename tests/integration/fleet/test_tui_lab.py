@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fleet_helpers import LAB, ROOT, foreign_ca
 from fleet_helpers import run as run_command
-from textual.widgets import Input
+from textual.widgets import Input, Select
 
 from tui.agent import Tokens
 from tui.app import FleetApp
@@ -103,3 +103,34 @@ async def test_the_fleet_screen_polls_the_agents_over_https(lab: Path, tmp_path:
         await until(pilot, lambda: screen.polls >= 1, timeout=120)
         errors = {name: screen.statuses[name].error for name in hosts}
     assert all(e.startswith("certificate not trusted") for e in errors.values()), errors
+
+
+async def test_the_chat_screen_talks_to_a_lab_pi(lab: Path, student_export: Path) -> None:
+    """Runs after the tests above (the agents up). The Chat screen (F6) streams an answer from
+    pi-1's agent over HTTPS, verified against the fleet's CA, and shows its tokens/s. pi-1 is
+    given the student first (deploy.yml; no change when a full run already deployed it)."""
+    from tui.screens.chat import ChatScreen
+
+    playbook = str(Path(sys.executable).with_name("ansible-playbook"))
+    deploy = [playbook, "playbooks/deploy.yml", "-i", str(lab), "--limit", "pi-1",
+              "-e", f"fleet_model_dir={student_export}"]  # fmt: skip
+    run_command(deploy, timeout=900)
+    cache = Path(os.environ.get("PIDISTILL_CACHE_DIR") or ROOT / ".cache")
+    settings = Settings(project_dir=ROOT, inventory=(lab,), poll_agents=False,
+                        tokens=Tokens(token_dir=cache / "fleet" / "tokens"))  # fmt: skip
+    app = FleetApp(settings)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("f6")
+        chat = app.get_screen("chat")
+        assert isinstance(chat, ChatScreen)
+        await until(pilot, lambda: chat.fleet is not None, timeout=60)
+        chat.query_one("#chat-target", Select).value = "host:pi-1"
+        await pilot.pause()
+        assert chat.targets() == ["pi-1"]
+        chat.ask("Salut! Comment ça va?")
+        done = lambda: not chat.busy and "pi-1" in {*chat.stats, *chat.errors}  # noqa: E731
+        await until(pilot, done, timeout=300)
+        assert chat.errors == {}
+        assert chat.answers["pi-1"].strip()
+        assert chat.stats["pi-1"].completion_tokens > 0 and chat.stats["pi-1"].tokens_per_s > 0
+        assert app.errors == []
