@@ -238,12 +238,13 @@ def split_head(model: Any) -> SplitHead | None:
     return SplitHead(decoder, head)
 
 
-def answer_logits(model: Any, ids: Any, mask: Any, where: Any, split: SplitHead | None) -> Any:
-    """Next-token logits [N, V] at ``where`` (bool [B, L - 1]: position t predicts token t + 1),
+def answer_logits(model: Any, inputs: dict[str, Any], where: Any, split: SplitHead | None) -> Any:
+    """Next-token logits [N, V] at ``where`` (bool [B, L - 1]: position t predicts token t + 1)
+    of the model's ``inputs`` (input ids, and an attention mask or packed position ids),
     through ``split`` when given (the output layer at those positions only)."""
     if split is None:
-        return model(input_ids=ids, attention_mask=mask).logits[:, :-1][where]
-    hidden = split.decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        return model(**inputs).logits[:, :-1][where]
+    hidden = split.decoder(**inputs).last_hidden_state[:, :-1]
     return split.head(hidden[where])
 
 
@@ -267,7 +268,8 @@ def answer_perplexity(
                 ids, labels, mask = pad_examples(examples[start : start + batch_size], pad_id)
                 target = labels[:, 1:].to(device)
                 where = target != IGNORE_INDEX
-                logits = answer_logits(model, ids.to(device), mask.to(device), where, split)
+                inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+                logits = answer_logits(model, inputs, where, split)
                 nll = torch.nn.functional.cross_entropy(
                     logits.float(), target[where], reduction="sum"
                 )

@@ -103,14 +103,14 @@ def teacher_forced(
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             ids, labels, mask = pad_examples(examples[start : start + batch_size], pad_id)
-            ids, mask = ids.to(device), mask.to(device)
+            inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
             # Logits at position t predict token t+1: only the positions whose next token is an
             # answer token go through the output layer (the prompt is most of each row).
             target = labels[:, 1:].to(device)
             answer = target != IGNORE_INDEX
             reference = None
             for name, model in models.items():
-                logits = answer_logits(model, ids, mask, answer, splits[name])
+                logits = answer_logits(model, inputs, answer, splits[name])
                 results[name].add_nll(logits, target[answer])
                 if reference is None:
                     reference = logits[:, :vocab_size]

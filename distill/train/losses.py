@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from distill.encoding import IGNORE_INDEX, SplitHead
+from distill.encoding import IGNORE_INDEX, SplitHead, answer_logits
 
 
 def topk_kl(student_logits: Any, top_ids: Any, top_logprobs: Any, temperature: float = 1.0) -> Any:
@@ -80,8 +80,7 @@ class Objective:
             if ids is not None:
                 targets = ids[..., 0] >= 0
                 needed = targets if self.loss == "kd" else needed | targets
-            hidden = split.decoder(**inputs).last_hidden_state[:, :-1]
-            logits = split.head(hidden[needed])
+            logits = answer_logits(model, inputs, needed, split)
             lps = batch["teacher_logprobs"][:, 1:][needed] if ids is not None else None
             return self.from_positions(
                 logits, labels[needed], ids[needed] if ids is not None else None, lps
@@ -153,7 +152,7 @@ def teacher_kl(model: Any, batches: list[dict[str, Any]], temperature: float = 1
     """
     import torch
 
-    from distill.encoding import answer_logits, split_head
+    from distill.encoding import split_head
 
     was_training = model.training
     model.eval()
@@ -168,8 +167,8 @@ def teacher_kl(model: Any, batches: list[dict[str, Any]], temperature: float = 1
                 has_target = ids[..., 0] >= 0
                 if not bool(has_target.any()):
                     continue
-                mask = batch.get("attention_mask")
-                logits = answer_logits(model, batch["input_ids"], mask, has_target, split)
+                inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+                logits = answer_logits(model, inputs, has_target, split)
                 kl = topk_kl(
                     logits,
                     ids[has_target],
