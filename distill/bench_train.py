@@ -148,7 +148,7 @@ def _qwen2_05b_shaped() -> Any:
     )
 
 
-def _cuda_model(fused: bool) -> Any:
+def _cuda_model(fused: bool, config: Any = None, device: str = "cuda") -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -157,16 +157,27 @@ def _cuda_model(fused: bool) -> Any:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
-        _qwen2_05b_shaped(), dtype=torch.bfloat16, attn_implementation="sdpa"
-    ).to("cuda")
+        config or _qwen2_05b_shaped(), dtype=torch.bfloat16, attn_implementation="sdpa"
+    ).to(device)
     applied = apply_fused_kernels(model) if fused else False
     return add_adapters(model, _args("lora"), True), applied
 
 
-def bench_cuda(steps: int = 10) -> list[dict[str, Any]]:
-    """The seed default and the auto-tuned configuration on a CUDA device."""
+def bench_cuda(
+    steps: int = 10,
+    teacher_k: int = 20,
+    device: str = "cuda",
+    config: Any = None,
+    seq_len: int = CUDA_SEQ_LEN,
+) -> list[dict[str, Any]]:
+    """The seed default and the auto-tuned configuration on a CUDA device, then ``sft``, ``kd``
+    and ``mix`` as ``distill train`` runs them: half of each row an answer, logits at the
+    answer's positions only (in chunks), ``teacher_k`` teacher candidates a position, each
+    objective autotuned to the same budget. ``device``, ``config`` (a transformers config) and
+    ``seq_len`` other than the defaults: a small rehearsal of the same code (tests)."""
     import torch
 
+    from distill.encoding import split_head
     from distill.train.device import (
         autotune,
         liger_available,
@@ -174,40 +185,68 @@ def bench_cuda(steps: int = 10) -> list[dict[str, Any]]:
         set_checkpointing,
         synthetic_batch,
     )
+    from distill.train.losses import Objective
 
     rows = []
-    name = torch.cuda.get_device_name(0)
-    common = {"bench": "train", "device": name, "model": "qwen2-0.5b-shaped (random)",
-              "method": "lora r16 all-linear", "seq_len": CUDA_SEQ_LEN,
+    name = torch.cuda.get_device_name(0) if device == "cuda" else device
+    model_name = f"{config.model_type} (random)" if config else "qwen2-0.5b-shaped (random)"
+    common = {"bench": "train", "device": name, "model": model_name,
+              "method": "lora r16 all-linear", "seq_len": seq_len,
               "memory": "torch peak allocated"}  # fmt: skip
 
-    model, _ = _cuda_model(fused=False)
+    def add(row: dict[str, Any]) -> None:
+        rows.append({**common, **row})
+        log.info("bench train cuda: %s", rows[-1])
+
+    model, _ = _cuda_model(False, config, device)
     set_checkpointing(model, 1.0)
-    data = synthetic_batch(model.config.vocab_size, 8, CUDA_SEQ_LEN, "cuda")
+    data = synthetic_batch(model.config.vocab_size, 8, seq_len, device)
     rate, peak = measure_steps(model, data, steps, warmup=2)
-    rows.append({**common, "batch": 8, "config": "seed default: checkpointing, no fused kernels",
-                 "tokens_per_s": round(rate), "peak_mem_gib": round(peak, 2)})  # fmt: skip
+    add({"batch": 8, "config": "seed default: checkpointing, no fused kernels",
+         "tokens_per_s": round(rate), "peak_mem_gib": round(peak, 2)})  # fmt: skip
     del model, data
     torch.cuda.empty_cache()
 
-    model, fused = _cuda_model(fused=liger_available())
-    best, probes = autotune(model, CUDA_SEQ_LEN, CUDA_BUDGET_GIB)
+    model, fused = _cuda_model(liger_available() and device == "cuda", config, device)
+    kernels = f"fused kernels {'on' if fused else 'off (liger not installed)'}"
+    vocab = model.config.vocab_size
+    best, probes = autotune(model, seq_len, CUDA_BUDGET_GIB)
     if best is not None:
         set_checkpointing(model, best.checkpoint_fraction)
-        data = synthetic_batch(model.config.vocab_size, best.batch_size, CUDA_SEQ_LEN, "cuda")
+        data = synthetic_batch(vocab, best.batch_size, seq_len, device)
         rate, peak = measure_steps(model, data, steps, warmup=2)
-        rows.append(
-            {
-                **common,
-                "batch": best.batch_size,
-                "config": f"auto: fused kernels {'on' if fused else 'off (liger not installed)'}"
-                f", {best.checkpoint_fraction:.0%} of layers checkpointed, budget "
-                f"{CUDA_BUDGET_GIB} GiB",
-                "tokens_per_s": round(rate),
-                "peak_mem_gib": round(peak, 2),
-                "probes": len(probes),
-            }
+        add({"batch": best.batch_size,
+             "config": f"auto: {kernels}, {best.checkpoint_fraction:.0%} of layers "
+                       f"checkpointed, budget {CUDA_BUDGET_GIB} GiB",
+             "tokens_per_s": round(rate), "peak_mem_gib": round(peak, 2),
+             "probes": len(probes)})  # fmt: skip
+        del data
+        torch.cuda.empty_cache()
+
+    split = split_head(model)
+    for loss in ("sft", "kd", "mix"):
+        objective = Objective(loss)
+        k = teacher_k if objective.uses_teacher else 0
+        best, probes = autotune(
+            model, seq_len, CUDA_BUDGET_GIB, objective=objective, teacher_k=k, split=split
         )
+        if best is None:
+            add({"loss": loss, "batch": 0, "config": "nothing fits the budget",
+                 "tokens_per_s": 0, "peak_mem_gib": 0.0})  # fmt: skip
+            continue
+        set_checkpointing(model, best.checkpoint_fraction)
+        data = synthetic_batch(vocab, best.batch_size, seq_len, device, k, 0.5)
+        rate, peak = measure_steps(model, data, steps, warmup=2, objective=objective, split=split)
+        add({"loss": loss, "batch": best.batch_size,
+             "config": f"--loss {loss}: half of each row an answer, logits there only "
+                       f"({'chunked' if split else 'whole: no split head'})"
+                       f"{f', top-{k} teacher targets' if k else ''}, {kernels}, "
+                       f"{best.checkpoint_fraction:.0%} of layers checkpointed, budget "
+                       f"{CUDA_BUDGET_GIB} GiB",
+             "tokens_per_s": round(rate), "peak_mem_gib": round(peak, 2),
+             "probes": len(probes)})  # fmt: skip
+        del data
+        torch.cuda.empty_cache()
     return rows
 
 

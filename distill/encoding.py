@@ -244,8 +244,12 @@ def answer_logits(model: Any, inputs: dict[str, Any], where: Any, split: SplitHe
     through ``split`` when given (the output layer at those positions only)."""
     if split is None:
         return model(**inputs).logits[:, :-1][where]
-    hidden = split.decoder(**inputs).last_hidden_state[:, :-1]
-    return split.head(hidden[where])
+    return split.head(answer_hidden(split, inputs, where))
+
+
+def answer_hidden(split: SplitHead, inputs: dict[str, Any], where: Any) -> Any:
+    """The decoder's last hidden states [N, H] at ``where`` (as :func:`answer_logits`)."""
+    return split.decoder(**inputs).last_hidden_state[:, :-1][where]
 
 
 def answer_perplexity(

@@ -158,11 +158,13 @@ def measure_steps(
     warmup: int = 1,
     lr: float = 1e-4,
     objective: Any = None,
+    split: Any = None,
 ) -> tuple[float, float]:
     """Tokens per second and peak device memory (GiB) of forward, backward and AdamW steps.
 
-    ``objective`` (a :class:`distill.train.losses.Objective`) computes the loss; by default the
-    model's own cross-entropy.
+    ``objective`` (a :class:`distill.train.losses.Objective`) computes the loss, through
+    ``split`` (:class:`distill.encoding.SplitHead`) when given; by default the model's own
+    cross-entropy.
 
     The trainable weights are restored afterwards, so probing leaves the model as it was.
     """
@@ -185,7 +187,7 @@ def measure_steps(
                 if cuda:
                     torch.cuda.synchronize(device)
                 started = time.perf_counter()
-            loss = objective(model, batch)[0] if objective else model(**batch).loss
+            loss = objective(model, batch, split)[0] if objective else model(**batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -202,15 +204,26 @@ def measure_steps(
 
 
 def synthetic_batch(
-    vocab: int, batch: int, length: int, device: str, teacher_k: int = 0
+    vocab: int,
+    batch: int,
+    length: int,
+    device: str,
+    teacher_k: int = 0,
+    answer_share: float = 1.0,
 ) -> dict[str, Any]:
-    """Random token ids with labels (and K teacher candidates a position), for probes, benches."""
+    """Random token ids with labels (and K teacher candidates a position), for probes, benches.
+
+    ``answer_share`` < 1: each row's first positions are a prompt, without labels or targets.
+    """
     import torch
 
     ids = torch.randint(0, vocab, (batch, length), device=device)
+    prompt = length - max(1, round(length * answer_share))
     out = {"input_ids": ids, "labels": ids.clone()}
+    out["labels"][:, :prompt] = -100
     if teacher_k:
         out["teacher_ids"] = torch.randint(0, vocab, (batch, length, teacher_k), device=device)
+        out["teacher_ids"][:, :prompt] = -1
         spread = torch.randn(batch, length, teacher_k + 1, device=device)
         out["teacher_logprobs"] = torch.log_softmax(spread, -1)[..., :teacher_k]
     return out
@@ -225,6 +238,7 @@ def autotune(
     steps: int = 3,
     objective: Any = None,
     teacher_k: int = 0,
+    split: Any = None,
 ) -> tuple[Probe | None, list[Probe]]:
     """The fastest (batch size, checkpointed fraction) whose peak memory fits the budget.
 
@@ -243,7 +257,7 @@ def autotune(
         for size in batches:
             batch = synthetic_batch(vocab, size, length, device, teacher_k)
             try:
-                rate, peak = measure_steps(model, batch, steps, objective=objective)
+                rate, peak = measure_steps(model, batch, steps, objective=objective, split=split)
             except torch.cuda.OutOfMemoryError:
                 probes.append(Probe(size, fraction, 0.0, float("inf"), ok=False))
                 break

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from distill.encoding import IGNORE_INDEX, SplitHead, answer_logits
+from distill.encoding import IGNORE_INDEX, SplitHead, answer_hidden, answer_logits
 
 
 def topk_kl(student_logits: Any, top_ids: Any, top_logprobs: Any, temperature: float = 1.0) -> Any:
@@ -51,6 +51,13 @@ def topk_kl(student_logits: Any, top_ids: Any, top_logprobs: Any, temperature: f
     return terms.sum(-1)
 
 
+CHUNK_LOGITS = 2**26
+"""Logits a chunk of answer positions may hold at once (256 MiB in float32): past it the output
+layer runs chunk by chunk, each chunk's logits recomputed in the backward pass instead of kept
+(151,936 vocabulary entries: 441 positions a chunk; the demo's 49,152: 1,365, so its batches of
+eight rows never chunk)."""
+
+
 @dataclass(frozen=True)
 class Objective:
     """What the training step minimises: ``sft``, ``kd`` or ``mix`` (see :mod:`.losses`)."""
@@ -58,6 +65,7 @@ class Objective:
     loss: str = "sft"
     temperature: float = 1.0
     weight: float = 0.5
+    chunk_logits: int = CHUNK_LOGITS
 
     @property
     def uses_teacher(self) -> bool:
@@ -69,8 +77,9 @@ class Objective:
     ) -> tuple[Any, dict[str, Any]]:
         """The loss of one batch and its parts (``ce``, ``kd``: detached tensors, for the logs).
 
-        With ``split``, logits are computed only where a loss term needs them. The parts stay
-        tensors so that a step never waits for the device just to log them.
+        With ``split``, logits are computed only where a loss term needs them, in chunks of at
+        most ``chunk_logits`` (:data:`CHUNK_LOGITS`). The parts stay tensors so that a step
+        never waits for the device just to log them.
         """
         inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
         if split is not None:
@@ -80,10 +89,10 @@ class Objective:
             if ids is not None:
                 targets = ids[..., 0] >= 0
                 needed = targets if self.loss == "kd" else needed | targets
-            logits = answer_logits(model, inputs, needed, split)
+            hidden = answer_hidden(split, inputs, needed)
             lps = batch["teacher_logprobs"][:, 1:][needed] if ids is not None else None
-            return self.from_positions(
-                logits, labels[needed], ids[needed] if ids is not None else None, lps
+            return self.from_hidden(
+                hidden, split.head, labels[needed], ids[needed] if ids is not None else None, lps
             )
         if not self.uses_teacher:
             out = model(**batch)
@@ -112,30 +121,81 @@ class Objective:
         """The loss from the logits [N, V] of the positions that carry a term, and their targets:
         labels [N] (``IGNORE_INDEX``: no cross-entropy there), teacher ids and log-probabilities
         [N, K] (ids -1: no KD there). Each term is a mean over the positions it covers."""
+        return self._combine(self._sums(logits, labels, teacher_ids, teacher_logprobs),
+                             labels, teacher_ids)  # fmt: skip
+
+    def from_hidden(
+        self,
+        hidden: Any,
+        head: Any,
+        labels: Any,
+        teacher_ids: Any = None,
+        teacher_logprobs: Any = None,
+    ) -> tuple[Any, dict[str, Any]]:
+        """:meth:`from_positions` from the decoder's hidden states [N, H] and its output layer:
+        the logits of at most ``chunk_logits`` at a time, each chunk recomputed in the backward
+        pass (activation checkpointing), so that [N, V] is never held whole."""
+        from torch.utils.checkpoint import checkpoint
+
+        vocab = int(head.weight.shape[0])
+        size = max(1, self.chunk_logits // vocab)
+        count = int(hidden.shape[0])
+        if count <= size:
+            return self.from_positions(head(hidden), labels, teacher_ids, teacher_logprobs)
+        sums = None
+        for start in range(0, count, size):
+            part = slice(start, start + size)
+            chunk = checkpoint(
+                self._head_sums,
+                hidden[part],
+                head,
+                labels[part],
+                teacher_ids[part] if teacher_ids is not None else None,
+                teacher_logprobs[part] if teacher_logprobs is not None else None,
+                use_reentrant=False,
+            )
+            sums = chunk if sums is None else sums + chunk
+        return self._combine(sums, labels, teacher_ids)
+
+    def _head_sums(
+        self, hidden: Any, head: Any, labels: Any, teacher_ids: Any, teacher_logprobs: Any
+    ) -> Any:
+        return self._sums(head(hidden), labels, teacher_ids, teacher_logprobs)
+
+    def _sums(self, logits: Any, labels: Any, teacher_ids: Any, teacher_logprobs: Any) -> Any:
+        """[KL summed over the positions with teacher targets, cross-entropy summed over the
+        labelled ones]; a term with no position is a zero that keeps the graph."""
         import torch
 
-        parts: dict[str, Any] = {}
-        kd = ce = None
+        kd = ce = logits.sum() * 0.0
         if self.uses_teacher:
             has_target = teacher_ids[:, 0] >= 0
             if bool(has_target.any()):
-                kl = topk_kl(
+                kd = topk_kl(
                     logits[has_target],
                     teacher_ids[has_target],
                     teacher_logprobs[has_target],
                     self.temperature,
+                ).sum()
+        if self.loss != "kd":
+            has_label = labels != IGNORE_INDEX
+            if bool(has_label.any()):
+                ce = torch.nn.functional.cross_entropy(
+                    logits[has_label].float(), labels[has_label], reduction="sum"
                 )
-                kd = kl.mean() * self.temperature**2
-            else:  # a batch of rows without targets (mix): the graph stays, the term is zero
-                kd = logits.sum() * 0.0
+        return torch.stack([kd, ce])
+
+    def _combine(self, sums: Any, labels: Any, teacher_ids: Any) -> tuple[Any, dict[str, Any]]:
+        """Each term's mean over the positions it covers, weighted and scaled."""
+        parts: dict[str, Any] = {}
+        kd = None
+        if self.uses_teacher:
+            covered = (teacher_ids[:, 0] >= 0).sum().clamp_min(1)
+            kd = sums[0] / covered * self.temperature**2
             parts["kd"] = kd.detach()
             if self.loss == "kd":
                 return kd, parts
-        has_label = labels != IGNORE_INDEX
-        if bool(has_label.any()):
-            ce = torch.nn.functional.cross_entropy(logits[has_label].float(), labels[has_label])
-        else:  # nothing to predict in this batch (every answer cut off): a zero with a graph
-            ce = logits.sum() * 0.0
+        ce = sums[1] / (labels != IGNORE_INDEX).sum().clamp_min(1)
         parts["ce"] = ce.detach()
         if kd is None:
             return ce, parts

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from distill.argspec import describe
-from distill.encoding import Example, encode_all, ensure_pad_token, read_labelled
+from distill.encoding import Example, encode_all, ensure_pad_token, read_labelled, split_head
 from distill.train.args import RESUME_KEYS, TrainArgs, TrainError
 from distill.train.data import Collator, data_record
 from distill.train.device import (
@@ -161,14 +161,18 @@ def run(args: TrainArgs) -> dict[str, Any]:
             if args.gradient_checkpointing != "auto"
             else (0.0, 0.25, 0.5, 0.75, 1.0)
         )
+        # Probed as the loop will train: logits at the answer's positions, in chunks, unless
+        # Liger's fused cross-entropy takes the sft loss (see train_loop).
+        split = split_head(model) if objective.uses_teacher or not plan.fused_kernels else None
         best, _ = autotune(
             model,
             length,
             budget,
             batches,
             fractions,
-            objective=objective if objective.uses_teacher else None,
+            objective=objective if objective.uses_teacher or split else None,
             teacher_k=max_k(train_examples) if objective.uses_teacher else 0,
+            split=split,
         )
         if best is not None:
             plan.batch_size = best.batch_size

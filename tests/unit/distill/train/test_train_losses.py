@@ -13,7 +13,7 @@ import torch
 
 from distill.encoding import IGNORE_INDEX, split_head
 from distill.train.data import Collator, pack
-from distill.train.losses import Objective, topk_kl
+from distill.train.losses import CHUNK_LOGITS, Objective, topk_kl
 from distill.train.teacher import TeacherTargets, TrainExample
 
 
@@ -163,16 +163,21 @@ def _grads(model: Any) -> list[Any]:
     return grads
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("loss", ["sft", "kd", "mix"])
 def test_logits_at_the_answers_positions_give_the_full_forwards_loss_and_gradients(
-    tiny_model: Path, loss: str
+    tiny_model: Path, loss: str, chunked: bool
 ) -> None:
     model = _lora(tiny_model)
     split = split_head(model)
     assert split is not None
     examples = [example([5, 6, 7], [10, 11, 12, 3]), example([5, 8, 9, 9, 9, 9], [13, 3])]
     batch = Collator(pad_id=0, packed=False, teacher=True)(examples)
-    objective = Objective(loss, 2.0, 0.3)
+    vocab = model.config.vocab_size
+    # Chunked: two positions' logits at a time, recomputed in the backward pass.
+    objective = Objective(loss, 2.0, 0.3, chunk_logits=2 * vocab if chunked else CHUNK_LOGITS)
+    calls = []
+    hook = split.head.register_forward_hook(lambda *_: calls.append(1))
     if loss == "sft":  # the model's own loss, from every position's logits
         keys = ("input_ids", "attention_mask", "labels")
         full = model(**{k: batch[k] for k in keys}).loss
@@ -180,8 +185,12 @@ def test_logits_at_the_answers_positions_give_the_full_forwards_loss_and_gradien
         full, _ = objective(model, batch)
     full.backward()
     expected = _grads(model)
+    calls.clear()
     sparse, parts = objective(model, batch, split)
     sparse.backward()
+    hook.remove()
+    # Whole: one projection. Chunked: 3 chunks of the 5 or 6 answer positions, each run twice.
+    assert len(calls) == (6 if chunked else 1)
     assert float(sparse.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
     assert set(parts) == {"sft": {"ce"}, "kd": {"kd"}, "mix": {"ce", "kd"}}[loss]
     for got, want in zip(_grads(model), expected, strict=True):
