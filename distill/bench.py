@@ -211,36 +211,34 @@ def bench_labelling(
 # ----------------------------------------------------------------------------- training
 
 # The seed's CUDA default (batch 8, activation checkpointing) on an H100, from the issue:
-# 16,600 tok/s at 8.2 GiB; the goal is 3x its speed without more memory.
+# 16,600 tok/s at 8.2 GiB; the goal is 3x its speed without more memory. The seed default is
+# measured again on the device at hand (the first CUDA row), and the goal taken against it.
 SEED_CUDA = {"tokens_per_s": 16600, "peak_mem_gib": 8.2}
+GOAL_VARIANT = "auto + compile"  # what distill train picks by itself on CUDA
 
 
 def bench_training() -> list[Row]:
     """Tokens/s and peak memory per method (CPU), and the CUDA rows when a GPU is present."""
     from distill.bench_train import bench_training as measure
 
+    rows = measure()
+    seed = next((r for r in rows if r["config"].startswith("seed default")), SEED_CUDA)
     out = []
-    for row in measure():
+    for row in rows:
         goal = met = ""
-        if row["device"] != "cpu" and row["config"].startswith("auto"):
-            goal = ">= 3x the seed default (50k tok/s) at <= 8.2 GiB"
-            fast = row["tokens_per_s"] >= 3 * SEED_CUDA["tokens_per_s"]
-            met = "yes" if fast and row["peak_mem_gib"] <= SEED_CUDA["peak_mem_gib"] else "no"
+        if row.get("variant") == GOAL_VARIANT:
+            goal = (f">= 3x the seed default ({3 * seed['tokens_per_s']:,} tok/s) at "
+                    f"<= {seed['peak_mem_gib']} GiB")  # fmt: skip
+            fast = row["tokens_per_s"] >= 3 * seed["tokens_per_s"]
+            met = "yes" if fast and row["peak_mem_gib"] <= seed["peak_mem_gib"] else "no"
         detail = (
             f"{row['device']}, {row['model']}, batch {row['batch']} x {row['seq_len']}, "
             f"{row['config']}, {row['peak_mem_gib']} GiB ({row['memory']})"
         )
-        out.append(
-            Row(
-                "training",
-                f"{row['method']} ({row['device']})",
-                row["tokens_per_s"],
-                "tok/s",
-                detail,
-                goal,
-                met,
-            )
-        )
+        name = f"{row['method']} ({row['device']})"
+        if "variant" in row:
+            name = f"{row['method']}, {row['variant']} ({row['device']})"
+        out.append(Row("training", name, row["tokens_per_s"], "tok/s", detail, goal, met))
     return out
 
 

@@ -180,6 +180,7 @@ def bench_cuda(
     from distill.encoding import split_head
     from distill.train.device import (
         autotune,
+        compile_layers,
         liger_available,
         measure_steps,
         set_checkpointing,
@@ -210,43 +211,53 @@ def bench_cuda(
     model, fused = _cuda_model(liger_available() and device == "cuda", config, device)
     kernels = f"fused kernels {'on' if fused else 'off (liger not installed)'}"
     vocab = model.config.vocab_size
-    best, probes = autotune(model, seq_len, CUDA_BUDGET_GIB)
-    if best is not None:
-        set_checkpointing(model, best.checkpoint_fraction)
-        data = synthetic_batch(vocab, best.batch_size, seq_len, device)
-        rate, peak = measure_steps(model, data, steps, warmup=2)
-        add({"batch": best.batch_size,
-             "config": f"auto: {kernels}, {best.checkpoint_fraction:.0%} of layers "
-                       f"checkpointed, budget {CUDA_BUDGET_GIB} GiB",
-             "tokens_per_s": round(rate), "peak_mem_gib": round(peak, 2),
-             "probes": len(probes)})  # fmt: skip
-        del data
-        torch.cuda.empty_cache()
+    # distill train's order: autotune the plain model, then compile its layers and train.
+    compiled, _ = _cuda_model(fused, config, device)
+    compile_layers(compiled)
 
-    split = split_head(model)
+    def measure(best: Any, objective: Any = None, k: int = 0, share: float = 1.0) -> None:
+        plain = objective.loss if objective else "auto"
+        for name, each in ((plain, model), (f"{plain} + compile", compiled)):
+            set_checkpointing(each, best.checkpoint_fraction)
+            data = synthetic_batch(vocab, best.batch_size, seq_len, device, k, share)
+            started = time.perf_counter()
+            rate, peak = measure_steps(
+                each, data, steps, warmup=2, objective=objective, split=splits[each]
+            )
+            layers = "compiled" if each is compiled else "eager"
+            what = (
+                f"--loss {objective.loss}: half of each row an answer, logits there only "
+                f"(chunked){f', top-{k} teacher targets' if k else ''}"
+                if objective
+                else "auto"
+            )
+            add({"loss": objective.loss if objective else "sft", "variant": name,
+                 "batch": best.batch_size,
+                 "config": f"{what}: {kernels}, layers {layers}, "
+                           f"{best.checkpoint_fraction:.0%} of layers checkpointed, "
+                           f"budget {CUDA_BUDGET_GIB} GiB",
+                 "tokens_per_s": round(rate), "peak_mem_gib": round(peak, 2),
+                 "seconds_with_warmup": round(time.perf_counter() - started, 1)})  # fmt: skip
+            del data
+            torch.cuda.empty_cache()
+
+    splits: dict[Any, Any] = {model: None, compiled: None}
+    best, _ = autotune(model, seq_len, CUDA_BUDGET_GIB)
+    if best is not None:
+        measure(best)
+
+    splits = {model: split_head(model), compiled: split_head(compiled)}
     for loss in ("sft", "kd", "mix"):
         objective = Objective(loss)
         k = teacher_k if objective.uses_teacher else 0
-        best, probes = autotune(
-            model, seq_len, CUDA_BUDGET_GIB, objective=objective, teacher_k=k, split=split
-        )
+        best, _ = autotune(model, seq_len, CUDA_BUDGET_GIB, batches=(16, 32, 48, 64),
+                                fractions=(0.5, 1.0), objective=objective, teacher_k=k,
+                                split=splits[model])  # fmt: skip
         if best is None:
             add({"loss": loss, "batch": 0, "config": "nothing fits the budget",
                  "tokens_per_s": 0, "peak_mem_gib": 0.0})  # fmt: skip
             continue
-        set_checkpointing(model, best.checkpoint_fraction)
-        data = synthetic_batch(vocab, best.batch_size, seq_len, device, k, 0.5)
-        rate, peak = measure_steps(model, data, steps, warmup=2, objective=objective, split=split)
-        add({"loss": loss, "batch": best.batch_size,
-             "config": f"--loss {loss}: half of each row an answer, logits there only "
-                       f"({'chunked' if split else 'whole: no split head'})"
-                       f"{f', top-{k} teacher targets' if k else ''}, {kernels}, "
-                       f"{best.checkpoint_fraction:.0%} of layers checkpointed, budget "
-                       f"{CUDA_BUDGET_GIB} GiB",
-             "tokens_per_s": round(rate), "peak_mem_gib": round(peak, 2),
-             "probes": len(probes)})  # fmt: skip
-        del data
-        torch.cuda.empty_cache()
+        measure(best, objective, k, 0.5)
     return rows
 
 

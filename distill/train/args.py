@@ -141,6 +141,12 @@ class TrainArgs:
     fused_kernels: str = arg(
         "auto", help="Liger fused kernels (CUDA only); auto: when installed", choices=AUTO_ON_OFF
     )
+    compile: str = arg(
+        "auto",
+        help="torch.compile each decoder layer; auto: on CUDA (the first step compiles, "
+        "about 30 s), off on the CPU",
+        choices=AUTO_ON_OFF,
+    )
     memory_budget_gib: float | None = arg(
         None, help="GPU memory the auto-tuner may use (default: 8 GiB or 90%% of free)"
     )

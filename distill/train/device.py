@@ -31,6 +31,7 @@ class DevicePlan:
     fused_kernels: bool
     tuned: bool = False
     processes: int = 1  # data-parallel processes (torchrun, accelerate launch)
+    compiled: bool = False  # each decoder layer under torch.compile
 
     def as_dict(self) -> dict[str, Any]:
         """For logs and the run record."""
@@ -98,6 +99,30 @@ def set_checkpointing(model: Any, fraction: float) -> int:
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index < count
     return count
+
+
+def compile_layers(model: Any) -> int:
+    """Each decoder layer under ``torch.compile`` (in place: the weights keep their names, so
+    adapters save and merge as before); returns how many.
+
+    Inductor fuses what a LoRA layer leaves to many small kernels (the adapters' products and
+    sums, norms, rotary embeddings). One graph serves every layer of the same shape, so the
+    first step pays the compile once (about 30 s on an H200 for Qwen2-0.5B) and a new sequence
+    length at most once more (then its dimensions are dynamic). Measured on an H200 (``make
+    bench``, Qwen2-0.5B shape, batch 64 x 512, LoRA r16): 71.9k tokens/s against 52.4k with
+    Liger's kernels alone, at less memory; kd 52.0k against 39.6k.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    # Dynamo reads Liger's triton kernels to see what they write, fails on their float
+    # arguments, warns with a traceback (thousands of lines a run) and assumes every input is
+    # written, which is right and costs nothing here: keep its warnings out of the log.
+    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 # Liger's fused linear cross-entropy walks the tokens in chunks sized so the transient logits
@@ -312,6 +337,10 @@ def plan_device(args: TrainArgs, longest: int) -> DevicePlan:
     )
     if args.fused_kernels == "on" and not cuda:
         log.warning("--fused-kernels on: Liger needs CUDA; training without it on %s", device)
+    # auto leaves it off for --on-policy: the student's sampling would recompile at each length.
+    compiled = args.compile == "on" or (
+        args.compile == "auto" and cuda and not args.on_policy and _inductor_ready()
+    )
     return DevicePlan(
         device=device,
         dtype=dtype,
@@ -320,4 +349,12 @@ def plan_device(args: TrainArgs, longest: int) -> DevicePlan:
         checkpoint_fraction=fraction,
         fused_kernels=fused,
         processes=ranks().world_size,
+        compiled=compiled,
     )
+
+
+def _inductor_ready() -> bool:
+    """Whether torch.compile can build GPU kernels here (Inductor needs triton for CUDA)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None

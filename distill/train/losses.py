@@ -25,14 +25,16 @@ from distill.encoding import IGNORE_INDEX, SplitHead, answer_hidden, answer_logi
 def topk_kl(student_logits: Any, top_ids: Any, top_logprobs: Any, temperature: float = 1.0) -> Any:
     """KL(teacher || student) over the teacher's K candidates plus a rest bin, per position.
 
-    ``student_logits`` [N, V]; ``top_ids`` [N, K] (-1: no candidate in that slot, at least one
-    valid per row); ``top_logprobs`` [N, K], natural log. Returns [N], not yet scaled by T².
+    ``student_logits`` [N, V]; ``top_ids`` [N, K] (-1: no candidate in that slot); ``top_logprobs``
+    [N, K], natural log. Returns [N], not yet scaled by T²; a row without any candidate gets a
+    finite value the caller must mask out.
     """
     import torch
 
     valid = top_ids >= 0
     # An empty slot points at the row's first candidate: scattering or gathering it is harmless.
-    ids = torch.where(valid, top_ids, top_ids[:, :1]).long()
+    # A row without any (its KL is masked out by the caller) points at token 0.
+    ids = torch.where(valid, top_ids, top_ids[:, :1]).clamp_min(0).long()
     teacher = top_logprobs.float().masked_fill(~valid, float("-inf"))
     rest = (1.0 - teacher.exp().sum(-1, keepdim=True)).clamp_min(0.0)
     teacher_bins = torch.cat([teacher, rest.log()], dim=-1) / temperature
@@ -164,25 +166,19 @@ class Objective:
 
     def _sums(self, logits: Any, labels: Any, teacher_ids: Any, teacher_logprobs: Any) -> Any:
         """[KL summed over the positions with teacher targets, cross-entropy summed over the
-        labelled ones]; a term with no position is a zero that keeps the graph."""
+        labelled ones], by masks rather than selections, so that no step waits on the device
+        to count positions; a term with no position is a zero that keeps the graph."""
         import torch
 
         kd = ce = logits.sum() * 0.0
         if self.uses_teacher:
             has_target = teacher_ids[:, 0] >= 0
-            if bool(has_target.any()):
-                kd = topk_kl(
-                    logits[has_target],
-                    teacher_ids[has_target],
-                    teacher_logprobs[has_target],
-                    self.temperature,
-                ).sum()
+            kl = topk_kl(logits, teacher_ids, teacher_logprobs, self.temperature)
+            kd = torch.where(has_target, kl, torch.zeros_like(kl)).sum()
         if self.loss != "kd":
-            has_label = labels != IGNORE_INDEX
-            if bool(has_label.any()):
-                ce = torch.nn.functional.cross_entropy(
-                    logits[has_label].float(), labels[has_label], reduction="sum"
-                )
+            ce = torch.nn.functional.cross_entropy(
+                logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+            )
         return torch.stack([kd, ce])
 
     def _combine(self, sums: Any, labels: Any, teacher_ids: Any) -> tuple[Any, dict[str, Any]]:

@@ -17,6 +17,7 @@ from distill.train.data import Collator, data_record
 from distill.train.device import (
     apply_fused_kernels,
     autotune,
+    compile_layers,
     default_budget_gib,
     pick_device,
     plan_device,
@@ -183,7 +184,14 @@ def run(args: TrainArgs) -> dict[str, Any]:
             (plan.batch_size, plan.checkpoint_fraction, plan.tuned)
         )
     checkpointed = set_checkpointing(model, plan.checkpoint_fraction)
-    log.info("device plan: %s (%d layers checkpointed)", plan.as_dict(), checkpointed)
+    # After the autotuner: its probes change the batch size, each a compile of its own.
+    compiled = compile_layers(model) if plan.compiled else 0
+    log.info(
+        "device plan: %s (%d layers checkpointed, %d compiled)",
+        plan.as_dict(),
+        checkpointed,
+        compiled,
+    )
 
     pad = tokenizer.pad_token_id
     on_policy = None

@@ -254,6 +254,21 @@ def test_each_method_trains_and_merges_on_the_cpu(
 
 
 @pytest.mark.slow
+def test_compiled_layers_train_as_the_plain_ones(data: Path, tmp_path: Path, tiny_model: Path):
+    """--compile on (auto: CUDA only) on the CPU: the same losses as without, a faithful merge."""
+    runs = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        summary = train_stage.run(args(data, out, tiny_model, max_steps=3, compile=mode))
+        record = json.loads((out / "training_record.json").read_text())
+        assert record["device"]["compiled"] is (mode == "on")
+        assert summary["merge_max_abs_diff"] < 1e-4
+        runs[mode] = [entry["loss"] for entry in record["metrics"]["losses"]]
+    assert len(runs["on"]) == 3
+    assert runs["on"] == pytest.approx(runs["off"], rel=1e-3)
+
+
+@pytest.mark.slow
 def test_merged_logits_equal_the_adapter_logits(data: Path, tmp_path: Path, tiny_model: Path):
     import torch
     from peft import PeftModel

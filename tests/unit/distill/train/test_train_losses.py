@@ -93,6 +93,22 @@ def test_empty_slots_add_nothing_and_forbidden_candidates_leave_the_rest_bin() -
     assert logits.grad is not None and bool(torch.isfinite(logits.grad).all())
 
 
+def test_a_labelled_position_without_teacher_targets_adds_no_kl_and_no_nan() -> None:
+    """mix: one position has the teacher's targets, the next only a label (a row labelled
+    without log-probabilities): the KD term is the first position's alone, finite gradients."""
+    case = CASES["tail mass at T = 1"]
+    logits = torch.tensor([case.logits, [0.5, -1.0, 2.0, 0.0, 1.0]], requires_grad=True)
+    ids = torch.tensor([case.top_ids, [-1] * len(case.top_ids)])
+    logprobs = torch.tensor([[math.log(p) for p in case.top_probs], [0.0] * len(case.top_ids)])
+    labels = torch.tensor([1, 2])
+    loss, parts = Objective("mix", 1.0, 0.5).from_positions(logits, labels, ids, logprobs)
+    assert float(parts["kd"]) == pytest.approx(expected_kl(case), rel=1e-5)
+    ce = torch.nn.functional.cross_entropy(logits.detach(), labels)
+    assert float(parts["ce"]) == pytest.approx(float(ce), rel=1e-5)
+    loss.backward()
+    assert logits.grad is not None and bool(torch.isfinite(logits.grad).all())
+
+
 def example(prompt: list[int], answer: list[int], k: int = 3) -> TrainExample:
     """A sequence whose teacher put each answer token first, then ids 1 and 2."""
     top = np.array([[t, 1, 2][:k] for t in answer], dtype=np.int32)
