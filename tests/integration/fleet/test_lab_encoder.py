@@ -1,8 +1,8 @@
 """The encoder on the lab: site.yml deploys the MiniLM export beside the student
 (``-e fleet_encoder_dir``), every stand-in Pi then embeds two sentences over HTTPS as
 transformers' mean pooling does on the workstation (cosine 0.999 or more), its allowlist names
-the encoder, and a second run changes nothing but, after a run that pruned older versions, the
-allowlist (a known gap in model_sync).
+the encoder, and a second run changes nothing, not even the allowlist after a first run that
+pruned older versions (a full test session deploys several before this one).
 
 Shares the session's lab with test_lab.py (three stand-ins, pi-1 the canary); alone, it brings
 the lab up itself.
@@ -82,12 +82,7 @@ def test_site_deploys_the_encoder_and_every_board_embeds_as_transformers_does(
 
     again = run(cmd, timeout=1800).stdout
     second = recap(again)
-    # Known, left for a fix in model_sync: a first run that prunes older versions (a full test
-    # session deploys several before this one) leaves the allowlist naming them, and the next
-    # run writes it without them. Nothing else may change.
-    allowlist_rewrite = "TASK [model_sync : Write the allowlist with the model being deployed]"
-    changed = changed_tasks(again)
-    assert all(task.startswith(allowlist_rewrite) for task in changed), changed
+    assert changed_tasks(again) == []
     assert set(second) == set(HOSTS)
     assert all(c["failed"] == 0 and c["unreachable"] == 0 for c in second.values()), second
 
