@@ -59,7 +59,7 @@ release: $(STAMP_VENV) llamacpp ## label, train, export, eval on the embedded de
 	$(BIN)/python -m distill.release --run-dir $(RELEASE_RUN_DIR) --out dist
 
 test: $(STAMP_VENV) llamacpp ## run every test (slow ones included) but the arm64 emulation ones
-	$(BIN)/pytest -m "not emulation"
+	$(BIN)/pytest -m "not emulation" -n 2 --dist loadgroup
 
 test-arm64: $(STAMP_VENV) ## the arm64 stand-ins under qemu (the first run builds their root fs)
 	$(BIN)/pytest -m emulation

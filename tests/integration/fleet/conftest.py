@@ -22,7 +22,17 @@ LAB_HOSTS = 3
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked ``lab_down`` take the session's lab down: they run after every other test,
-    whichever modules share the lab (test_lab.py, test_lab_encoder.py, test_tui_lab.py)."""
+    whichever modules share the lab (test_lab.py, test_lab_encoder.py, test_tui_lab.py).
+
+    Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every test of this folder is
+    in one group, so one worker runs them all, in this order, with one image and one lab (and
+    one zram at a time), while the other worker takes the rest of the suite. The lab's tests
+    wait on containers and SSH much of the time: the second worker fills that time.
+    """
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.xdist_group("lab"))
     items.sort(key=lambda item: item.get_closest_marker("lab_down") is not None)
 
 
