@@ -21,8 +21,9 @@ LAB_HOSTS = 3
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``lab_down`` take the session's lab down: they run after every other test,
-    whichever modules share the lab (test_lab.py, test_lab_encoder.py, test_tui_lab.py).
+    """The lab's modules run in ``LAB_ORDER``, then the rest of this folder (sorted stably: the
+    tests of a module keep their order). Tests marked ``lab_down`` take the session's lab down:
+    they run after every other test, whichever modules share the lab.
 
     Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every test of this folder is
     in one group, so one worker runs them all, in this order, with one image and one lab (and
@@ -30,10 +31,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     wait on containers and SSH much of the time: the second worker fills that time.
     """
     here = Path(__file__).parent
-    for item in items:
-        if here in item.path.parents:
-            item.add_marker(pytest.mark.xdist_group("lab"))
+    slots = [i for i, item in enumerate(items) if here in item.path.parents]
+    # The lab's modules in the order of a fleet's life (each leaves the lab as the next expects):
+    # boot, site.yml, serving, faults, delivery, the encoder, then the rest of this folder.
+    ours = sorted((items[i] for i in slots), key=lambda item: _rank(item.path.stem))
+    for i, item in zip(slots, ours, strict=True):
+        item.add_marker(pytest.mark.xdist_group("lab"))
+        items[i] = item
     items.sort(key=lambda item: item.get_closest_marker("lab_down") is not None)
+
+
+LAB_ORDER = ("test_lab_boot", "test_lab_site", "test_lab_serving", "test_lab_faults",
+             "test_lab_delivery", "test_lab_encoder")  # fmt: skip
+
+
+def _rank(module: str) -> int:
+    return LAB_ORDER.index(module) if module in LAB_ORDER else len(LAB_ORDER)
 
 
 @pytest.fixture(scope="session")

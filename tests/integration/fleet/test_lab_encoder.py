@@ -4,8 +4,8 @@ transformers' mean pooling does on the workstation (cosine 0.999 or more), its a
 the encoder, and a second run changes nothing, not even the allowlist after a first run that
 pruned older versions (a full test session deploys several before this one).
 
-Shares the session's lab with test_lab.py (three stand-ins, pi-1 the canary); alone, it brings
-the lab up itself.
+Shares the session's lab with the other test_lab_* modules (three stand-ins, pi-1 the
+canary); alone, it brings the lab up itself.
 """
 
 from __future__ import annotations

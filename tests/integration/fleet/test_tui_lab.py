@@ -44,8 +44,8 @@ def lab_hosts(inventory: Path) -> list[str]:
 
 
 async def test_the_run_screen_provisions_the_lab(lab: Path, tmp_path: Path) -> None:
-    # Bring the lab up when this module runs alone (a no-op when it is up: test_lab.py's
-    # lab_down test runs last). The agents (not zram, llama.cpp) are provisioned: the fleet
+    # Bring the lab up when this module runs alone (a no-op when it is up: the lab_down test
+    # runs last). The agents (not zram, llama.cpp) are provisioned: the fleet
     # screen's test below polls them.
     run_command([sys.executable, str(LAB), "up", "--hosts", "3"], timeout=600)
     hosts = lab_hosts(lab)
