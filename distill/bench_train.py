@@ -173,8 +173,10 @@ def bench_cuda(
     """The seed default and the auto-tuned configuration on a CUDA device, then ``sft``, ``kd``
     and ``mix`` as ``distill train`` runs them: half of each row an answer, logits at the
     answer's positions only (in chunks), ``teacher_k`` teacher candidates a position, each
-    objective autotuned to the same budget. ``device``, ``config`` (a transformers config) and
-    ``seq_len`` other than the defaults: a small rehearsal of the same code (tests)."""
+    objective autotuned to the same budget. Each configuration is measured twice: eager layers,
+    and layers under ``torch.compile`` (what ``distill train --compile auto`` picks on CUDA).
+    ``device``, ``config`` (a transformers config) and ``seq_len`` other than the defaults: a
+    small rehearsal of the same code on the CPU."""
     import torch
 
     from distill.encoding import split_head
@@ -217,7 +219,7 @@ def bench_cuda(
 
     def measure(best: Any, objective: Any = None, k: int = 0, share: float = 1.0) -> None:
         plain = objective.loss if objective else "auto"
-        for name, each in ((plain, model), (f"{plain} + compile", compiled)):
+        for variant, each in ((plain, model), (f"{plain} + compile", compiled)):
             set_checkpointing(each, best.checkpoint_fraction)
             data = synthetic_batch(vocab, best.batch_size, seq_len, device, k, share)
             started = time.perf_counter()
@@ -231,7 +233,7 @@ def bench_cuda(
                 if objective
                 else "auto"
             )
-            add({"loss": objective.loss if objective else "sft", "variant": name,
+            add({"loss": objective.loss if objective else "sft", "variant": variant,
                  "batch": best.batch_size,
                  "config": f"{what}: {kernels}, layers {layers}, "
                            f"{best.checkpoint_fraction:.0%} of layers checkpointed, "
@@ -250,9 +252,11 @@ def bench_cuda(
     for loss in ("sft", "kd", "mix"):
         objective = Objective(loss)
         k = teacher_k if objective.uses_teacher else 0
+        # A shorter search than distill train's (the device's time is short): every pick so far
+        # was fully checkpointed, at batch 48 or 64.
         best, _ = autotune(model, seq_len, CUDA_BUDGET_GIB, batches=(16, 32, 48, 64),
-                                fractions=(0.5, 1.0), objective=objective, teacher_k=k,
-                                split=splits[model])  # fmt: skip
+                           fractions=(0.5, 1.0), objective=objective, teacher_k=k,
+                           split=splits[model])  # fmt: skip
         if best is None:
             add({"loss": loss, "batch": 0, "config": "nothing fits the budget",
                  "tokens_per_s": 0, "peak_mem_gib": 0.0})  # fmt: skip
