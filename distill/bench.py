@@ -337,10 +337,18 @@ def bench_agent() -> list[Row]:
 
 def bench_distillation(out: Path, steps: int) -> list[Row]:
     """sft, kd and mix on the same data, steps and seed: held-out KL, agreement, chrF, JSON."""
-    from distill.bench_distill import AGREEMENT_GAIN_GOAL, KL_DROP_GOAL, measure
+    from distill.bench_distill import measure
 
     result = measure(out / "distill", steps)
     atomic_write_text(out / "distill.json", json.dumps(result, indent=2) + "\n")
+    return distillation_rows(result)
+
+
+def distillation_rows(result: dict[str, Any]) -> list[Row]:
+    """The rows of ``distill.json``: each loss's measures, then the goal's two halves."""
+    from distill.bench_distill import AGREEMENT_GAIN_GOAL, KL_DROP_GOAL
+
+    steps = result["steps"]
     detail = f"{steps} LoRA steps, seed 0, the demo's student and labelled rows; held-out rows"
     rows = []
     for loss, measures in (("before training", result["before"]), *result["results"].items()):
@@ -349,13 +357,15 @@ def bench_distillation(out: Path, steps: int) -> list[Row]:
             if measures.get(key) is not None:
                 rows.append(Row("distillation", f"{key} ({loss})", measures[key], unit, detail))
     verdict = result["verdict"]
-    met = "yes" if verdict["met"] else "no"
+    # Each row says whether its own half of the goal is met; the verdict needs both.
+    dropped = "yes" if verdict["kl_drop"] >= KL_DROP_GOAL else "no"
+    gained = "yes" if verdict["agreement_gain"] >= AGREEMENT_GAIN_GOAL else "no"
     rows.append(Row("distillation", f"KL drop ({verdict['best']} vs sft)",
                     round(verdict["kl_drop"], 3), "share", detail,
-                    f">= {KL_DROP_GOAL:.0%}", met))  # fmt: skip
+                    f">= {KL_DROP_GOAL:.0%}", dropped))  # fmt: skip
     rows.append(Row("distillation", f"agreement gain ({verdict['best']} vs sft)",
                     round(verdict["agreement_gain"], 3), "share", detail,
-                    f">= {AGREEMENT_GAIN_GOAL:.2f}", met))  # fmt: skip
+                    f">= {AGREEMENT_GAIN_GOAL:.2f}", gained))  # fmt: skip
     return rows
 
 
