@@ -99,8 +99,10 @@ def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ours = results[best]
     kl_drop = 1 - ours["mean_kl"] / sft["mean_kl"]
     gain = ours["top1_agreement"] - sft["top1_agreement"]
-    met = kl_drop >= KL_DROP_GOAL and gain >= AGREEMENT_GAIN_GOAL
-    return {"best": best, "kl_drop": kl_drop, "agreement_gain": gain, "met": met}
+    dropped, gained = kl_drop >= KL_DROP_GOAL, gain >= AGREEMENT_GAIN_GOAL
+    return {"best": best, "kl_drop": kl_drop, "agreement_gain": gain,
+            "kl_drop_met": dropped, "agreement_gain_met": gained,
+            "met": dropped and gained}  # fmt: skip
 
 
 def measure(out: Path, steps: int) -> dict[str, Any]:
