@@ -525,9 +525,10 @@ class Agent(ModelRoutes):
                     out_dir=self.state_dir / "bench",
                     vcgencmd=self.cfg["metrics"]["vcgencmd"],
                     build=self.cfg["llama"]["build"],
-                    tolerance=conf["tolerance"],
+                    tolerance=body.get("tolerance", conf["tolerance"]),
                     history=history,
                     timeout=conf["timeout_s"],
+                    expected=body.get("expected"),
                 )
             except bench.BenchError as exc:
                 raise HTTPError(422, str(exc)) from None

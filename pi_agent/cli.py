@@ -49,6 +49,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
 
 
+def _expectation(text: str) -> dict[str, float]:
+    """``tg=30,pp=100`` -> ``{"tg": 30.0, "pp": 100.0}`` (argparse reports a ValueError)."""
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        kind, sep, value = item.partition("=")
+        kind = kind.strip()
+        if not sep or kind not in ("pp", "tg"):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected pp=TOK_S or tg=TOK_S")
+        try:
+            out[kind] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: {value!r} is not a number") from None
+        if not out[kind] > 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: tokens/s must be above 0")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(prog="pi-agent", description=__doc__.split("\n")[0])
@@ -75,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a directory of fleet benchmark CSVs (repeatable)",
     )
     bench.add_argument("--board", help="board id for the regressor (default: from the device tree)")
+    bench.add_argument(
+        "--expect",
+        type=_expectation,
+        default={},
+        metavar="KIND=TOK_S[,...]",
+        help="tokens/s the gate expects, e.g. tg=30,pp=100 (instead of the regressor's)",
+    )
     check = sub.add_parser("check-config", help="validate the configuration and print it")
     _common(check)
     return parser
@@ -191,7 +215,7 @@ def _bench(args: argparse.Namespace, cfg: Config) -> int:
             params=params, host=Host(Path(cfg["agent"]["root"])), out_dir=state / "bench",
             vcgencmd=cfg["metrics"]["vcgencmd"], build=cfg["llama"]["build"],
             tolerance=conf["tolerance"], history=history, board=args.board,
-            timeout=conf["timeout_s"],
+            timeout=conf["timeout_s"], expected=args.expect,
         )  # fmt: skip
     except (bench.BenchError, OSError) as exc:
         print(f"pi-agent bench: {exc}", file=sys.stderr)

@@ -159,6 +159,17 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "n_prompt": {"type": "integer", "minimum": 0, "maximum": 4096},
             "n_gen": {"type": "integer", "minimum": 0, "maximum": 1024},
             "repetitions": {"type": "integer", "minimum": 1, "maximum": 20},
+            "tolerance": {"type": "number", "minimum": 0, "maximum": 0.99},
+            "expected": {
+                "type": "object",
+                "description": "tokens/s the gate expects per test kind, in place of the "
+                "regressor's prediction (pp: prompt processing, tg: generation)",
+                "properties": {
+                    "pp": {"type": "number", "minimum": 0.001, "maximum": 1e9},
+                    "tg": {"type": "number", "minimum": 0.001, "maximum": 1e9},
+                },
+                "additionalProperties": False,
+            },
         },
         "additionalProperties": False,
     },

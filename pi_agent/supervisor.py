@@ -142,9 +142,11 @@ class Supervisor:
             return
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
+            proc.send_signal(signal.SIGCONT)  # a hung (stopped) server takes its SIGTERM now
         try:
             await asyncio.wait_for(proc.wait(), 10)
         except TimeoutError:
+            log.warning("%s llama-server ignored SIGTERM for 10 s: killed", self.role)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()

@@ -205,6 +205,32 @@ def test_bench_endpoint_returns_and_keeps_the_csv(agent: AgentProcess) -> None:
     assert agent.json("POST", "/v1/bench", {"threads": [0]})[0] == 400
 
 
+def test_bench_request_expectation_replaces_the_prediction_both_ways(agent: AgentProcess) -> None:
+    # The test host's board is unknown to the reference table: the regressor predicts from the
+    # agent's own earlier benchmarks (its history), and the run passes against itself.
+    small = {"threads": [1], "n_prompt": 16, "n_gen": 8, "repetitions": 1}
+    assert agent.json("POST", "/v1/bench", small, timeout=120)[0] == 200  # history at least once
+    status, plain = agent.json("POST", "/v1/bench", small, timeout=120)
+    assert status == 200 and plain["gate"]["passed"], plain
+    assert [r["predicted_by"] for r in plain["results"]] == ["regressor", "regressor"]
+    status, slow = agent.json(
+        "POST", "/v1/bench", {**small, "expected": {"tg": 1e6}, "tolerance": 0.5}, timeout=120
+    )
+    assert status == 200, slow
+    assert slow["gate"]["passed"] is False and slow["gate"]["tolerance"] == 0.5
+    assert [r["predicted_by"] for r in slow["results"]] == ["regressor", "expected"]
+    assert len(slow["gate"]["failures"]) == 1
+    assert "tg8 with 1 threads" in slow["gate"]["failures"][0]
+    assert "(50% of the expected 1000000.00)" in slow["gate"]["failures"][0]
+    status, fine = agent.json(
+        "POST", "/v1/bench", {**small, "expected": {"pp": 0.01, "tg": 0.01}}, timeout=120
+    )
+    assert status == 200 and fine["gate"] == {**fine["gate"], "passed": True, "checked": 2}
+    for bad in ({"expected": {"tg": 0}}, {"expected": {"xx": 1}}, {"tolerance": 1.5}):
+        status, error = agent.json("POST", "/v1/bench", {**small, **bad})
+        assert status == 400, (bad, error)
+
+
 def test_sigterm_stops_the_children(tmp_path: Path, llama_tools, pi_agent_tiny_gguf) -> None:
     seed_store(tmp_path, pi_agent_tiny_gguf)
     with AgentProcess(tmp_path, agent_config(llama_tools, None)) as proc:
@@ -269,6 +295,19 @@ def test_bench_cli_gate_passes_and_fails(tmp_path: Path, llama_tools, pi_agent_t
     )
     assert failed.returncode == 1, failed.stdout
     assert "gate failed" in failed.stderr
+    # The operator's own expectation overrides that history, both ways.
+    expect = ("--board", "pi4", "--history", str(history))
+    passed = _bench_cli(tmp_path, llama_tools, pi_agent_tiny_gguf, *expect, "--expect", "tg=0.5")
+    assert passed.returncode == 1  # pp still judged against the history, tg now passes
+    judged = json.loads(passed.stdout)["results"]
+    by = {r["test"][:2]: r["predicted_by"] for r in judged}
+    assert by == {"pp": "regressor", "tg": "expected"}
+    both = _bench_cli(
+        tmp_path, llama_tools, pi_agent_tiny_gguf, *expect, "--expect", "tg=0.5,pp=0.5"
+    )
+    assert both.returncode == 0, both.stderr
+    bad = _bench_cli(tmp_path, llama_tools, pi_agent_tiny_gguf, "--expect", "tg=fast")
+    assert bad.returncode == 2 and "'tg=fast'" in bad.stderr
 
 
 # Structured output: the real llama-server holds the random tiny model to a schema or a grammar.

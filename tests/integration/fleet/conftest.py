@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     slots = [i for i, item in enumerate(items) if here in item.path.parents]
     # The lab's modules in the order of a fleet's life (each leaves the lab as the next expects):
-    # boot, site.yml, serving, faults, delivery, the encoder, then the rest of this folder.
+    # boot, site.yml, serving, faults, the canary's gate, delivery, the encoder, then the rest.
     ours = sorted((items[i] for i in slots), key=lambda item: _rank(item.path.stem))
     for i, item in zip(slots, ours, strict=True):
         item.add_marker(pytest.mark.xdist_group("lab"))
@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 LAB_ORDER = ("test_lab_boot", "test_lab_site", "test_lab_serving", "test_lab_faults",
-             "test_lab_delivery", "test_lab_encoder")  # fmt: skip
+             "test_lab_gate", "test_lab_delivery", "test_lab_encoder")  # fmt: skip
 
 
 def _rank(module: str) -> int:

@@ -4,6 +4,8 @@ left active, and after a rollback ``previous`` is never the failed version."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 from pi_agent.testing import AgentProcess, agent_with_stub
@@ -72,3 +74,21 @@ def test_after_a_rollback_previous_is_not_the_failed_version(tmp_path: Path) -> 
         status, body = agent.json("POST", "/v1/models/rollback")
         assert status == 200 and body["active"] == "v0", body
         assert served(agent) == str(versions / "v0" / "model.gguf")
+
+
+def test_a_hung_server_is_not_ready_and_a_rollback_stops_it_with_sigterm(tmp_path: Path) -> None:
+    # What model_sync's readiness check meets when a new version hangs after its probe passed
+    # (the lab test causes it with SIGSTOP on a real llama-server): /readyz is 503, and the
+    # rollback that follows stops the stopped server with SIGTERM (SIGCONT lets it take it),
+    # not after 10 s with SIGKILL.
+    weights = {"v0": GOOD, "v1": GOOD + b"1"}
+    with agent_with_stub(tmp_path, ECHO, weights, active="v0") as agent:
+        assert agent.json("POST", "/v1/models/v1/activate")[0] == 200
+        agent.wait_for(lambda: agent.request("GET", "/readyz")[0] == 200)
+        pid = agent.json("GET", "/v1/status")[1]["servers"]["decoder"]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        agent.wait_for(lambda: agent.request("GET", "/readyz")[0] == 503, timeout=10)
+        status, body = agent.json("POST", "/v1/models/rollback")
+        assert status == 200 and body["active"] == "v0", body
+        assert served(agent) == str(agent.state_dir / "models" / "versions" / "v0" / "model.gguf")
+        assert "ignored SIGTERM" not in agent.log()
