@@ -43,7 +43,7 @@ class Settings:
     demo_batch_size: int = 16
     demo_max_new_tokens: int = 128
     demo_logprobs: int = 20
-    demo_loss: str = "mix"
+    demo_loss: str = "kd"
     demo_student_every: int = 2
     demo_student_layers: str = "ends"
     demo_learning_rate: float = 3e-3
