@@ -74,8 +74,9 @@ def test_the_gate_passes_through_an_expectation_and_the_rollout_goes_on(
     assert last["gate"]["passed"] is True and last["gate"]["tolerance"] == 0.1
     assert last["gate"]["checked"] == 2  # both tests were judged, not skipped
     assert {r["predicted_by"] for r in last["results"]} == {"expected"}
-    # Back to the student for the tests that follow (the gate on: each board's own history).
-    run(deploy(lab, student_export))
+    # Back to the student for the tests that follow (no gate: that is not what this test is about,
+    # and the boards' own history was measured on a quieter workstation than a test run's).
+    run(deploy(lab, student_export, fleet_canary_gate=False))
     assert serving(lab) == dict.fromkeys(HOSTS, version_of(student_export))
 
 
