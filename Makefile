@@ -14,11 +14,14 @@ TORCH_SPEC ?= torch==2.13.0
 export PIDISTILL_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-APT_PACKAGES := build-essential cmake ccache git python3-venv podman runc debootstrap prometheus aria2 mktorrent libopenblas-dev qemu-user-static
+APT_PACKAGES := build-essential cmake ccache git python3-venv podman runc debootstrap prometheus aria2 mktorrent libopenblas-dev qemu-user-static crossbuild-essential-arm64
+# The Pis' OpenBLAS, for cross-building llama.cpp's OpenBLAS variant (multiarch: arm64 added to dpkg).
+APT_ARM64_PACKAGES := libopenblas-dev:arm64
+STAMP_APT_ARM64 := $(PIDISTILL_CACHE_DIR)/apt-arm64.stamp
 STAMP_APT := $(PIDISTILL_CACHE_DIR)/apt.stamp
 STAMP_VENV := $(VENV)/.installed
 
-.PHONY: help venv apt llamacpp demo test test-arm64 test-fast lint bench clean teacher lab-up lab-down fleet-demo bench-fleet release
+.PHONY: help venv apt apt-arm64 llamacpp llamacpp-arm64 demo test test-arm64 test-fast lint bench clean teacher lab-up lab-down fleet-demo bench-fleet release
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -34,6 +37,16 @@ $(STAMP_APT): Makefile
 	fi
 	@touch $@
 
+apt-arm64: $(STAMP_APT_ARM64) ## add dpkg's arm64 architecture and the Pis' OpenBLAS (as root)
+$(STAMP_APT_ARM64): Makefile | $(STAMP_APT)
+	@missing=$$(for p in $(APT_ARM64_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make: missing apt packages: $$missing (run as root or install them)"; exit 1; fi; \
+	  echo "make: dpkg --add-architecture arm64; apt-get install $$missing"; \
+	  dpkg --add-architecture arm64 && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
 venv: $(STAMP_VENV) ## create .venv with the project and its tools
 $(STAMP_VENV): pyproject.toml | $(STAMP_APT)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +59,10 @@ $(STAMP_VENV): pyproject.toml | $(STAMP_APT)
 
 llamacpp: $(STAMP_VENV) ## build the pinned llama.cpp tools once (~15-20 min on 2 cores)
 	$(BIN)/distill llamacpp build
+
+llamacpp-arm64: $(STAMP_VENV) $(STAMP_APT_ARM64) ## cross-build llama.cpp per Pi class (pi4, pi5), native and OpenBLAS
+	for board in pi4 pi5; do for variant in native openblas; do \
+	  $(BIN)/distill llamacpp build --board $$board --variant $$variant || exit 1; done; done
 
 teacher: $(STAMP_VENV) ## convert the embedded teacher to an HF directory (once)
 	$(BIN)/distill teacher

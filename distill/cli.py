@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     tools = sub.add_parser("llamacpp", help="find or build the pinned llama.cpp tools")
     tools.add_argument("action", choices=("build", "where"))
     tools.add_argument("--variant", default="native", choices=("native", "openblas"))
+    tools.add_argument(
+        "--board",
+        choices=("pi4", "pi5"),
+        help="cross-compile for this Raspberry Pi class (aarch64; the llama_cpp role's programs)",
+    )
+    tools.add_argument("--target", action="append", help="only these programs (repeatable)")
     tools.set_defaults(stage="llamacpp")
     teacher = sub.add_parser("teacher", help="prepare the embedded teacher (convert once, cache)")
     teacher.set_defaults(stage="teacher")
@@ -82,12 +88,26 @@ def _run(namespace: argparse.Namespace) -> dict:
     if namespace.stage == "llamacpp":
         from distill import llamacpp
 
-        tools = (
-            llamacpp.build(namespace.variant)
-            if namespace.action == "build"
-            else llamacpp.require_tools(namespace.variant)
-        )
-        return {"bin": str(tools.bin), **tools.version()}
+        built = False
+        if namespace.action == "build":
+            targets = namespace.target or (
+                llamacpp.TARGETS if namespace.board is None else llamacpp.BOARD_TARGETS
+            )
+            built = llamacpp.find_tools(namespace.variant, targets, namespace.board) is None
+            tools = llamacpp.build(namespace.variant, targets=targets, board=namespace.board)
+        elif namespace.board:
+            found = llamacpp.find_tools(
+                namespace.variant, namespace.target or llamacpp.BOARD_TARGETS, namespace.board
+            )
+            if found is None:
+                raise llamacpp.LlamaCppError(
+                    f"llama.cpp ({namespace.variant}) is not cross-built for {namespace.board}: "
+                    f"run `distill llamacpp build --board {namespace.board}`"
+                )
+            tools = found
+        else:
+            tools = llamacpp.require_tools(namespace.variant)
+        return {"bin": str(tools.bin), "board": namespace.board, "built": built, **tools.version()}
     if namespace.stage == "teacher":
         from distill.models import resolve_model
 

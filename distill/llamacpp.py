@@ -1,6 +1,7 @@
 """The pinned llama.cpp tools: find them, or build them once from the llama-cpp-python sdist.
 
     distill llamacpp build            # once: ~15-20 min of CPU on 2 cores
+    distill llamacpp build --board pi5 --variant openblas   # cross-compiled for a Pi class
     distill llamacpp where            # print the bin directory and the pinned commit
 
 No GitHub is reachable here, so the pinned source is the ``vendor/llama.cpp`` tree of the
@@ -66,6 +67,19 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "native": ("-DGGML_NATIVE=ON",),
     "openblas": ("-DGGML_NATIVE=ON", "-DGGML_BLAS=ON", "-DGGML_BLAS_VENDOR=OpenBLAS"),
 }
+# The Raspberry Pi classes the workstation cross-compiles for, with Debian's aarch64-linux-gnu
+# toolchain (apt crossbuild-essential-arm64; OpenBLAS as libopenblas-dev:arm64 through
+# multiarch): ggml's -march (GGML_CPU_ARM_ARCH, since no -march=native can see the board) and
+# the core to tune for. Pi 4: Cortex-A72, Armv8.0-A with CRC (no crypto, no dot product). Pi 5:
+# Cortex-A76, Armv8.2-A with the dot product and half-precision arithmetic ggml's kernels use.
+BOARDS: dict[str, tuple[str, str]] = {
+    "pi4": ("armv8-a+crc", "cortex-a72"),
+    "pi5": ("armv8.2-a+crc+dotprod+fp16", "cortex-a76"),
+}
+CROSS = "aarch64-linux-gnu"
+# What the llama_cpp role installs on a board (llama_cpp_targets): the agent's llama-server and
+# llama-bench (which also picks the variant), llama-cli and llama-quantize.
+BOARD_TARGETS: tuple[str, ...] = ("llama-server", "llama-bench", "llama-cli", "llama-quantize")
 
 
 class LlamaCppError(RuntimeError):
@@ -111,17 +125,38 @@ def root() -> Path:
     return cache_dir() / "llama.cpp"
 
 
-def flags(variant: str) -> tuple[str, ...]:
-    """Every CMake flag of a build variant."""
+def flags(variant: str, board: str | None = None) -> tuple[str, ...]:
+    """Every CMake flag of a build variant, for this machine or cross-compiled for ``board``."""
     if variant not in VARIANTS:
         raise LlamaCppError(f"unknown build variant {variant!r} (known: {', '.join(VARIANTS)})")
-    return (*CMAKE_FLAGS, *VARIANTS[variant])
+    if board is None:
+        return (*CMAKE_FLAGS, *VARIANTS[variant])
+    if board not in BOARDS:
+        raise LlamaCppError(f"unknown board {board!r} (known: {', '.join(BOARDS)})")
+    march, core = BOARDS[board]
+    host_only = ("-DCMAKE_C_FLAGS=", "-DCMAKE_CXX_FLAGS=")
+    return (
+        *(f for f in CMAKE_FLAGS if not f.startswith(host_only)),
+        *(f for f in VARIANTS[variant] if f != "-DGGML_NATIVE=ON"),
+        "-DCMAKE_SYSTEM_NAME=Linux",
+        "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+        f"-DCMAKE_C_COMPILER={CROSS}-gcc",
+        f"-DCMAKE_CXX_COMPILER={CROSS}-g++",
+        f"-DCMAKE_LIBRARY_ARCHITECTURE={CROSS}",
+        "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER",
+        "-DGGML_NATIVE=OFF",
+        f"-DGGML_CPU_ARM_ARCH={march}",
+        f"-DCMAKE_C_FLAGS=-mtune={core}",
+        f"-DCMAKE_CXX_FLAGS=-mtune={core}",
+    )
 
 
-def build_dir(variant: str) -> Path:
-    """One build directory per variant and set of flags: changed flags mean a fresh build."""
-    digest = hashlib.sha256("\n".join(flags(variant)).encode()).hexdigest()[:8]
-    return root() / f"build-{variant}-{digest}"
+def build_dir(variant: str, board: str | None = None) -> Path:
+    """One build directory per variant (and board) and set of flags: changed flags mean a fresh
+    build."""
+    digest = hashlib.sha256("\n".join(flags(variant, board)).encode()).hexdigest()[:8]
+    return root() / (f"build-{variant}-{digest}" if board is None else
+                     f"cross-{board}-{variant}-{digest}")  # fmt: skip
 
 
 def launcher() -> tuple[tuple[str, ...], dict[str, str]]:
@@ -137,16 +172,33 @@ def launcher() -> tuple[tuple[str, ...], dict[str, str]]:
     return flags, env
 
 
-def find_tools(variant: str = "native", targets: Sequence[str] = TARGETS) -> Tools | None:
+def find_tools(
+    variant: str = "native", targets: Sequence[str] = TARGETS, board: str | None = None
+) -> Tools | None:
     """The built tools (``targets`` of them), or ``None`` when they are not built yet."""
     override = os.environ.get("PIDISTILL_LLAMA_CPP_BIN")
     source = root() / "src"
-    if override:
+    if override and board is None:
         return Tools(source=source, bin=Path(override), variant="external")
-    bin_dir = build_dir(variant) / "bin"
+    bin_dir = build_dir(variant, board) / "bin"
     if all((bin_dir / t).is_file() for t in targets) and (source / "CMakeLists.txt").is_file():
         return Tools(source=source, bin=bin_dir, variant=variant)
     return None
+
+
+def check_cross_toolchain(variant: str) -> None:
+    """A clear error when Debian's arm64 cross toolchain (or arm64 OpenBLAS) is missing."""
+    if shutil.which(f"{CROSS}-g++") is None:
+        raise LlamaCppError(
+            f"{CROSS}-g++: not found; cross-building for the Pis needs Debian's "
+            "crossbuild-essential-arm64 (`make llamacpp-arm64` installs it as root)"
+        )
+    if variant == "openblas" and not Path(f"/usr/lib/{CROSS}/libopenblas.so").exists():
+        raise LlamaCppError(
+            f"/usr/lib/{CROSS}/libopenblas.so: not found; the OpenBLAS variant for the Pis needs "
+            "`dpkg --add-architecture arm64 && apt-get update && apt-get install "
+            "libopenblas-dev:arm64` (`make llamacpp-arm64` does it as root)"
+        )
 
 
 def fetch_source() -> Path:
@@ -183,30 +235,43 @@ def fetch_source() -> Path:
 
 
 def build(
-    variant: str = "native", jobs: int | None = None, targets: Sequence[str] = TARGETS
+    variant: str = "native",
+    jobs: int | None = None,
+    targets: Sequence[str] | None = None,
+    board: str | None = None,
 ) -> Tools:
     """Configure and build the pinned tools (once; a second call finds them). ``targets``: a
     subset when only some are needed (``("llama-bench",)`` skips llama-server's long build);
-    a later call for more builds the rest in the same directory."""
-    target = build_dir(variant)
-    found = find_tools(variant, targets)
+    a later call for more builds the rest in the same directory. ``board`` (``pi4``, ``pi5``)
+    cross-compiles for that Pi class instead (by default its ``BOARD_TARGETS``)."""
+    targets = tuple(targets or (TARGETS if board is None else BOARD_TARGETS))
+    target = build_dir(variant, board)
+    found = find_tools(variant, targets, board)
     if found:
         return found
-    with file_lock(root() / f"build-{variant}.lock"):
-        found = find_tools(variant, targets)
+    if board is not None:
+        check_cross_toolchain(variant)
+    lock = f"build-{variant}.lock" if board is None else f"cross-{board}-{variant}.lock"
+    with file_lock(root() / lock):
+        found = find_tools(variant, targets, board)
         if found:
             return found
         source = fetch_source()
         extra, env = launcher()
         env = {**os.environ, **env}
-        run(["cmake", "-S", str(source), "-B", str(target), *flags(variant), *extra], env=env)
+        if board is not None:  # pkg-config sees the arm64 .pc files (OpenBLAS), not the host's
+            env["PKG_CONFIG_LIBDIR"] = f"/usr/lib/{CROSS}/pkgconfig:/usr/share/pkgconfig"
+        started = time.monotonic()
+        run(["cmake", "-S", str(source), "-B", str(target), *flags(variant, board), *extra],
+            env=env)  # fmt: skip
         cores = str(jobs or os.cpu_count() or 2)
         run(["cmake", "--build", str(target), "-j", cores, "--target", *targets],
             env=env, stream=True)  # fmt: skip
-        (target / "pidistill-build.json").write_text(
-            json.dumps({"variant": variant, "commit": LLAMA_CPP_COMMIT, "flags": flags(variant)})
-        )
-    tools = find_tools(variant, targets)
+        record = {"variant": variant, "board": board, "commit": LLAMA_CPP_COMMIT,
+                  "flags": flags(variant, board), "targets": list(targets),
+                  "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+        (target / "pidistill-build.json").write_text(json.dumps(record))
+    tools = find_tools(variant, targets, board)
     if tools is None:
         raise LlamaCppError(f"build finished but {target}/bin lacks some of {list(targets)}")
     return tools
@@ -279,12 +344,14 @@ def serve(
     tools: Tools | None = None,
     server: Path | None = None,
     startup_timeout: float = 120.0,
+    launcher: Sequence[str] = (),
 ) -> Iterator[str]:
     """Run llama-server on 127.0.0.1 for the duration of a ``with`` block; yield its base URL.
 
     ``parallel`` slots share the context (each gets ``ctx_size``); the server is stopped with
     SIGTERM (then SIGKILL) on exit, and a server that dies at start-up raises with its command
-    and log tail. ``server`` names a llama-server binary other than the pinned build's.
+    and log tail. ``server`` names a llama-server binary other than the pinned build's, and
+    ``launcher`` a command that runs it (``qemu-aarch64-static -L ...`` for a cross build).
     """
     import urllib.error
     import urllib.request
@@ -293,6 +360,7 @@ def serve(
         server = (tools or require_tools()).tool("llama-server")
     port = free_port()
     cmd = [
+        *launcher,
         str(server),
         "-m",
         str(model),

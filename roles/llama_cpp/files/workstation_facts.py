@@ -7,7 +7,12 @@
   AMX switches) are listed apart and added on x86-64 boards only;
 - the workstation's board class (architecture + CPU model, the slug the role computes on the
   boards) and its own llama.cpp builds (``seed_bin``: the native one; ``seed_bins``: every variant
-  built), which can seed a class of the same architecture and CPU.
+  built), which can seed a class of the same architecture and CPU;
+- the Raspberry Pi classes it can cross-compile for (``cross``: board -> -march, and whether
+  Debian's aarch64 toolchain and arm64 OpenBLAS are installed), and ``distill``, the project's
+  command that does it;
+- ``bench_model``: the GGUF the variants are compared with when the inventory names none (the
+  embedded SmolLM2-135M-Instruct Q4_1, the reference table's own model), "" without it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import platform
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 
 def board_class(arch: str, model: str) -> str:
@@ -47,6 +53,22 @@ def main() -> int:
     tools = llamacpp.find_tools("native")
     built = {v: llamacpp.find_tools(v) for v in llamacpp.VARIANTS}
     arch = platform.machine()
+    try:
+        from distill.models import ModelError, embedded_teacher_gguf
+
+        bench_model = str(embedded_teacher_gguf())
+    except (ImportError, ModelError):
+        bench_model = ""
+    cross = {}
+    for board, (march, core) in llamacpp.BOARDS.items():
+        ready = {}
+        for variant in llamacpp.VARIANTS:
+            try:
+                llamacpp.check_cross_toolchain(variant)
+                ready[variant] = ""
+            except llamacpp.LlamaCppError as exc:
+                ready[variant] = str(exc)
+        cross[board] = {"march": march, "tune": core, "missing": ready}
     json.dump(
         {
             "commit": llamacpp.LLAMA_CPP_COMMIT,
@@ -58,6 +80,9 @@ def main() -> int:
             "class": board_class(arch, cpu_model()),
             "seed_bin": str(tools.bin) if tools else "",
             "seed_bins": {v: str(t.bin) for v, t in built.items() if t is not None},
+            "cross": cross,
+            "distill": str(Path(sys.executable).parent / "distill"),
+            "bench_model": bench_model,
         },
         sys.stdout,
     )

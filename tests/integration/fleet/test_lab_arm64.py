@@ -7,15 +7,18 @@ the smallest arm64 check CI can afford. The first run builds the arm64 root file
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
-from fleet_helpers import LAB, ROOT, fleet_env, require_container_tools, run
+from fleet_helpers import LAB, ROOT, fleet_env, recap, require_container_tools, run, version_of
+from lab_helpers import PLAYBOOK, active_version, agent_get, site
 
 from pi_agent.regressor import Regressor, read_reference
 
@@ -96,3 +99,87 @@ def test_raspberry_pi_os_disk_swap_is_on(arm64_lab: dict, host: str) -> None:
         time.sleep(2)
     assert state == "active"
     assert ssh(arm64_lab, host, "stat", "-c", "%s", "/var/swap") == str(100 * 1024 * 1024)
+
+
+# site.yml on the arm64 lab: llama.cpp cross-built per class on the workstation (each class's
+# variants compared by llama-bench on its first board), the agent, the student; then the gate.
+
+
+@pytest.fixture(scope="module")
+def provisioned(arm64_lab: dict, student_export: Path) -> subprocess.CompletedProcess:
+    """site.yml on the two arm64 stand-ins with the test student (its canary gate off: the gate
+    has its own test below); the per-class cache is the lab's own, so the classes are made here."""
+    inventory = ROOT / "inventory" / "lab.yml"
+    cache = ROOT / ".cache" / "fleet" / "llama.cpp"
+    for board in HOSTS.values():
+        for stale in cache.glob(f"*/aarch64_{board}"):
+            shutil.rmtree(stale)
+    results = ROOT / ".cache" / "lab" / "arm64-results"
+    return run(site(inventory, student_export, results, "-e", "fleet_canary_gate=false"),
+               timeout=3600)  # fmt: skip
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_site_installs_llama_cpp_cross_built_for_the_board_s_class(
+    arm64_lab: dict, provisioned: subprocess.CompletedProcess, host: str
+) -> None:
+    board = HOSTS[host]
+    decision = json.loads(ssh(arm64_lab, host, "cat", "/opt/llama.cpp/current/decision.json"))
+    assert decision["class"] == f"aarch64_{board}" and decision["board"] == board, decision
+    assert decision["origin"].startswith(f"cross-built on the workstation for {board}"), decision
+    assert decision["origin"].endswith(f"benchmarked on {'pi-1' if board == 'pi4' else 'pi-2'}")
+    # OpenBLAS and native were both measured on the board, with no benchmark model set.
+    assert set(decision["bench"]) == {"native", "openblas"}, decision
+    # The installed programs are aarch64 ELF files built for the class's -march.
+    server = "/opt/llama.cpp/current/bin/llama-server"
+    header = ssh(arm64_lab, host, "od", "-An", "-tu1", "-N20", server)
+    assert [int(b) for b in header.split()][18] == 183  # EM_AARCH64
+    march = {"pi4": "armv8-a+crc", "pi5": "armv8.2-a+crc+dotprod+fp16"}[board]
+    assert f"-march={march}" in decision["origin"]
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_the_agent_serves_the_student_on_each_arm64_board(
+    provisioned: subprocess.CompletedProcess, student_export: Path, host: str
+) -> None:
+    inventory = ROOT / "inventory" / "lab.yml"
+    assert active_version(inventory, host) == version_of(student_export)
+    assert agent_get(inventory, host, "/readyz")["ready"] is True
+    assert agent_get(inventory, host, "/v1/status")["board"] == HOSTS[host]
+
+
+def test_a_second_site_run_on_the_arm64_lab_changes_nothing(
+    provisioned: subprocess.CompletedProcess, student_export: Path
+) -> None:
+    inventory = ROOT / "inventory" / "lab.yml"
+    results = ROOT / ".cache" / "lab" / "arm64-results"
+    again = run(site(inventory, student_export, results, "-e", "fleet_canary_gate=false",
+                     "--skip-tags", "bench"), timeout=3600)  # fmt: skip
+    counts = recap(again.stdout)
+    assert {h: c["changed"] for h, c in counts.items()} == dict.fromkeys(HOSTS, 0), counts
+
+
+def test_the_canary_s_gate_fails_on_an_emulated_pi_and_the_fleet_keeps_its_model(
+    provisioned: subprocess.CompletedProcess,
+    student_export: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The reference model itself (SmolLM2-135M-Instruct Q4_1, which the reference table has
+    rows for) on the emulated Pi 4 canary: under qemu it runs at ~1 token/s where a Pi 4 does
+    11-32, so the gate fails, at the lab's own tolerance too, and the canary rolls back."""
+    from distill.models import embedded_teacher_gguf
+
+    inventory = ROOT / "inventory" / "lab.yml"
+    export = tmp_path_factory.mktemp("reference") / "dist"
+    run([str(ROOT / ".venv" / "bin" / "distill"), "import-gguf", "--gguf",
+         str(embedded_teacher_gguf()), "--output-dir", str(export)])  # fmt: skip
+    done = run([PLAYBOOK, "playbooks/deploy.yml", "-i", str(inventory),
+                "-e", f"fleet_model_dir={export}"], check=False, timeout=3600)  # fmt: skip
+    assert done.returncode != 0
+    counts = recap(done.stdout)
+    assert set(counts) == {"pi-1"} and counts["pi-1"]["failed"] == 1, counts
+    assert "failed the throughput gate: pp16 with 1 threads" in done.stdout
+    assert "of the predicted" in done.stdout  # the reference table's pi4 rows, not an override
+    assert f"rolled back to {version_of(student_export)}" in done.stdout
+    for host in HOSTS:
+        assert active_version(inventory, host) == version_of(student_export)

@@ -54,3 +54,28 @@ def test_variants_differ_in_their_build_directory() -> None:
     assert llamacpp.build_dir("native") != llamacpp.build_dir("openblas")
     with pytest.raises(llamacpp.LlamaCppError, match="unknown build variant 'cuda'"):
         llamacpp.flags("cuda")
+
+
+def test_each_pi_class_is_cross_built_apart_for_its_own_arm_architecture() -> None:
+    pi4, pi5 = llamacpp.flags("native", "pi4"), llamacpp.flags("native", "pi5")
+    assert "-DGGML_CPU_ARM_ARCH=armv8-a+crc" in pi4
+    assert "-DGGML_CPU_ARM_ARCH=armv8.2-a+crc+dotprod+fp16" in pi5
+    for flags in (pi4, pi5):
+        assert "-DGGML_NATIVE=OFF" in flags and "-DGGML_NATIVE=ON" not in flags
+        assert "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++" in flags
+        assert not any("amx" in flag for flag in flags)  # the x86 host's own switches stay home
+    assert "-DGGML_BLAS=ON" in llamacpp.flags("openblas", "pi4")
+    dirs = {llamacpp.build_dir(v, b) for v in llamacpp.VARIANTS for b in (None, *llamacpp.BOARDS)}
+    assert len(dirs) == 6
+    assert llamacpp.build_dir("native", "pi5").name.startswith("cross-pi5-native-")
+    with pytest.raises(llamacpp.LlamaCppError, match="unknown board 'pi3'"):
+        llamacpp.flags("native", "pi3")
+
+
+def test_a_cross_build_without_the_toolchain_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _path_with(tmp_path, monkeypatch, ccache=False)
+    with pytest.raises(llamacpp.LlamaCppError, match="crossbuild-essential-arm64"):
+        llamacpp.build("native", board="pi4")
+    assert not llamacpp.build_dir("native", "pi4").exists()  # nothing half-made
