@@ -574,6 +574,19 @@ def raise_inotify_limits(count: int) -> None:
             path.write_text(f"{value}\n")
 
 
+# Ansible's fact cache (ansible.cfg): a stand-in made again is a new machine, perhaps of another
+# architecture; facts cached for its name would describe the old one for an hour.
+FACTS = ROOT / ".cache" / "ansible-facts"
+
+
+def forget_facts(names: list[str]) -> None:
+    """Drop the cached facts of these stand-ins (files ``<host>`` or ``<prefix>_<host>``)."""
+    hosts = {host_name(name) for name in names}
+    for path in FACTS.glob("*") if FACTS.is_dir() else ():
+        if path.name in hosts or path.name.split("_", 1)[-1] in hosts:
+            path.unlink(missing_ok=True)
+
+
 def up(
     count: int | None = None, link_rate: str = LINK_RATE, uplink_rate: str = UPLINK_RATE,
     arch: str = "",
@@ -610,6 +623,7 @@ def up(
             podman("rm", "--force", "--time", "5", name)
             existing.discard(name)
         if name not in existing:
+            forget_facts([name])
             start(index, key, spec)
             created += 1
         elif "running" not in podman("inspect", "--format", "{{.State.Status}}", name):
@@ -632,6 +646,7 @@ def down(keep_image: bool = False) -> int:
     names = containers()
     if names:
         podman("rm", "--force", "--time", "5", *names)
+    forget_facts(names)
     if network_exists():
         podman("network", "rm", "--force", NETWORK)
     if not keep_image:
