@@ -24,7 +24,7 @@ STAMP_VENV := $(VENV)/.installed
 .PHONY: help venv apt apt-arm64 llamacpp llamacpp-arm64 demo test test-arm64 test-fast lint bench clean teacher lab-up lab-down fleet-demo bench-fleet release
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
 apt: $(STAMP_APT) ## install the Debian packages the project needs (as root)
 $(STAMP_APT): Makefile
@@ -78,7 +78,7 @@ release: $(STAMP_VENV) llamacpp ## label, train, export, eval on the embedded de
 test: $(STAMP_VENV) llamacpp ## run every test (slow ones included) but the arm64 emulation ones
 	$(BIN)/pytest -m "not emulation" -n 2 --dist loadgroup
 
-test-arm64: $(STAMP_VENV) ## the arm64 stand-ins under qemu (the first run builds their root fs)
+test-arm64: $(STAMP_VENV) $(STAMP_APT_ARM64) llamacpp ## arm64 under qemu: stand-ins (the first run builds their root fs), site.yml on them, the teacher cross-built
 	$(BIN)/pytest -m emulation
 
 test-fast: $(STAMP_VENV) ## skip the slow tests
