@@ -50,7 +50,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _expectation(text: str) -> dict[str, float]:
-    """``tg=30,pp=100`` -> ``{"tg": 30.0, "pp": 100.0}`` (argparse reports a ValueError)."""
+    """``tg=30,pp=100`` -> ``{"tg": 30.0, "pp": 100.0}``; argparse shows what is wrong."""
     out: dict[str, float] = {}
     for item in text.split(","):
         kind, sep, value = item.partition("=")
