@@ -1,8 +1,11 @@
 """arm64 stand-ins (issue 12): ``lab.py up --arch arm64 --hosts 2`` boots a Pi 4 and a Pi 5 under
 qemu-user, each with systemd as PID 1, ``pi`` with sudo (setuid under emulation: binfmt's ``C``
 flag), Raspberry Pi OS's disk swap on, and the board the agent's own code reads from its device
-tree. No playbook runs here (emulation makes each Ansible task several times slower): this is
-the smallest arm64 check CI can afford. The first run builds the arm64 root file system (cached).
+tree. Then ``site.yml`` on them: llama.cpp cross-built per class on the workstation and compared
+on each class's first board, the agent serving the student, a second run with changed=0, and
+the emulated Pi 4 canary failing the reference table's throughput gate. Marker ``emulation``:
+``make test-arm64`` runs it (about 15 minutes), CI does not. The first run builds the arm64 root
+file system (cached).
 """
 
 from __future__ import annotations
