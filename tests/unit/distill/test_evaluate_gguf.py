@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from distill.evaluate import EvalError
-from distill.evaluate.gguf import ceiling_dir, fit_ctx, heldout_text, meets_goal, parse_kld_output
+from distill.evaluate.gguf import (
+    ceiling_dir,
+    fit_ctx,
+    heldout_text,
+    kl_divergence,
+    meets_goal,
+    parse_kld_output,
+)
 
 # A real `llama-perplexity --kl-divergence` run at the pinned commit: the embedded teacher's Q8_0
 # against its F16 over 25 held-out rows (stderr's two lines first, chunks 1-17 left out).
@@ -153,6 +160,47 @@ def test_an_output_that_lost_its_last_chunk_is_refused() -> None:
     cut = CHUNKS_ONLY[: CHUNKS_ONLY.index("   3     500")]
     with pytest.raises(ValueError, match="stops at chunk 2 of 3"):
         parse_kld_output(cut)
+
+
+# What a busy CI worker once got from a real run that exited 0: stderr up to the thread pool's
+# start, then nothing (the logger lost the rest).
+LOST_AFTER_LOADING = """\
+0.00.004.510 W load: control-looking token:      5 '<|im_end|>' was not control-type
+0.00.005.948 I cmn          init: llama threadpool init, n_threads = 2
+"""
+
+
+def _flaky_tool(tmp_path: Path, lost_runs: int) -> Path:
+    """A stand-in llama-perplexity whose first ``lost_runs`` runs lose their output (the fault
+    cannot be caused on demand with the real binary), then print CHUNKS_ONLY."""
+    (tmp_path / "lost.txt").write_text(LOST_AFTER_LOADING, encoding="utf-8")
+    (tmp_path / "whole.txt").write_text(CHUNKS_ONLY, encoding="utf-8")
+    tool = tmp_path / "llama-perplexity"
+    tool.write_text(
+        "#!/bin/sh\n"
+        f'd="{tmp_path}"\n'
+        'n=$(cat "$d/runs" 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" > "$d/runs"\n'
+        f'if [ "$n" -le {lost_runs} ]; then cat "$d/lost.txt" >&2; else cat "$d/whole.txt"; fi\n',
+        encoding="utf-8",
+    )
+    tool.chmod(0o755)
+    return tool
+
+
+def test_a_run_that_lost_all_its_statistics_is_run_again(tmp_path: Path) -> None:
+    tool = _flaky_tool(tmp_path, lost_runs=2)
+    stats = kl_divergence(tool, tmp_path / "q.gguf", tmp_path / "base.logits", 32, 2, chunk=3)
+    assert stats["mean_kld"] == 0.005 and stats["same_top_p"] == 88.889
+    assert (tmp_path / "runs").read_text().strip() == "3"
+
+
+def test_a_run_that_loses_its_statistics_every_time_is_an_error_naming_the_runs(
+    tmp_path: Path,
+) -> None:
+    tool = _flaky_tool(tmp_path, lost_runs=3)
+    with pytest.raises(EvalError, match=r"no KL-divergence statistics .*\(3 runs\)"):
+        kl_divergence(tool, tmp_path / "q.gguf", tmp_path / "base.logits", 32, 2, chunk=3)
+    assert (tmp_path / "runs").read_text().strip() == "3"
 
 
 TEACHER_Q8 = {"mean_kld": 0.0072, "mean_kld_unc": 0.0003, "same_top_p": 93.2, "same_top_p_unc": 0.4}
