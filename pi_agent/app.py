@@ -7,7 +7,8 @@ probe fails; a switch interrupted by a kill is finished (probed, kept or rolled 
 start. The encoder (embeddings) has a store and a switcher of its own under the same rules, at
 ``/v1/encoder/models...`` (``pi_agent.encoder``). ``/v1/blobs/<sha256>`` serves installed GGUFs
 to the other Pis (byte ranges, sendfile), to the agent's token or the fleet's peer token, which
-opens nothing else. The API is served over
+opens nothing else. The fleet's service token (the gateway's, Prometheus's) opens inference and
+reads (``SERVICE_ROUTES``), never a model change, a benchmark or a blob. The API is served over
 HTTPS when the config names a certificate (``pi_agent.tls``), and with ``store.allowlist_file``
 only the listed sha256s are installed and activated (``pi_agent.allowlist``).
 """
@@ -29,7 +30,7 @@ from typing import Any
 
 from pi_agent import __version__, http, metrics, sdnotify, structured, tls
 from pi_agent.allowlist import Allowlist
-from pi_agent.config import Config
+from pi_agent.config import Config, Tokens
 from pi_agent.encoder import EncoderServer, store_root
 from pi_agent.gguf import expect_kind
 from pi_agent.host import Host, decode_throttled
@@ -51,6 +52,12 @@ log = logging.getLogger(__name__)
 # How llama-server's errors about a schema or a grammar begin or read (tools/server at 0c1e570).
 _CONSTRAINT_ERROR = re.compile(r"json[_ ]schema|grammar", re.IGNORECASE)
 Route = Callable[[Request], Awaitable[AnyResponse]]
+# What the fleet's service token may do: serve (the gateway) and be watched (Prometheus).
+SERVICE_ROUTES = frozenset({
+    ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/v1/status"),
+    ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
+    ("GET", "/v1/models"), ("GET", "/v1/encoder/models"),
+})  # fmt: skip
 
 
 class Agent(ModelRoutes):
@@ -59,12 +66,10 @@ class Agent(ModelRoutes):
     def __init__(
         self,
         cfg: Config,
-        token: str,
-        peer_token: str = "",
+        tokens: Tokens,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.token = token.encode()
-        self.peer_token = peer_token.encode()
+        self._set_tokens(tokens)
         self.blob_stats = metrics.BlobStats()
         self.started = time.time()
         self.server = http.Server(
@@ -121,6 +126,7 @@ class Agent(ModelRoutes):
             "llama_server": lambda: metrics.LlamaServerCollector(lambda: self.supervisors),
             "bench": lambda: metrics.BenchCollector(self.state_dir),
             "blobs": lambda: metrics.BlobCollector(self.blob_stats),
+            "disk": lambda: metrics.DiskCollector(self.state_dir),
         }
         self.registry = metrics.Registry(
             [sources[name]() for name in cfg["metrics"]["collectors"]], self.host
@@ -162,8 +168,7 @@ class Agent(ModelRoutes):
     async def reload(
         self,
         cfg: Config,
-        token: str,
-        peer_token: str = "",
+        tokens: Tokens,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         """SIGHUP: the new config, tokens and certificate (for the connections accepted from
@@ -171,8 +176,7 @@ class Agent(ModelRoutes):
         old = self.cfg["agent"]
         if (cfg["agent"]["listen"], cfg["agent"]["port"]) != (old["listen"], old["port"]):
             log.warning("agent.listen and agent.port change only at restart")
-        self.token = token.encode()
-        self.peer_token = peer_token.encode()
+        self._set_tokens(tokens)
         self.configure(cfg)
         self.server.ssl_context = tls_context
         await asyncio.to_thread(self.store.make_incoming_dir)
@@ -307,6 +311,11 @@ class Agent(ModelRoutes):
         except StoreError as exc:
             raise HTTPError(exc.status, str(exc)) from None
 
+    def _set_tokens(self, tokens: Tokens) -> None:
+        self.token = tokens.agent.encode()
+        self.peer_token = tokens.peer.encode()
+        self.service_token = tokens.service.encode()
+
     def _authenticate(self, request: Request) -> None:
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
@@ -321,6 +330,12 @@ class Agent(ModelRoutes):
             self.peer_token
             and BLOB_PATH.match(request.path)
             and hmac.compare_digest(secret, self.peer_token)
+        ):
+            return
+        if (
+            self.service_token
+            and (request.method, request.path) in SERVICE_ROUTES
+            and hmac.compare_digest(secret, self.service_token)
         ):
             return
         raise HTTPError(403, "invalid bearer token")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pi_agent import __version__, tls
 from pi_agent.allowlist import Allowlist
-from pi_agent.config import Config, ConfigError, load, read_peer_token, read_token
+from pi_agent.config import Config, ConfigError, Tokens, load, read_tokens
 
 log = logging.getLogger("pi_agent")
 
@@ -143,25 +143,24 @@ def _logging(level: str, debug: bool) -> None:
 async def _serve(
     args: argparse.Namespace,
     cfg: Config,
-    token: str,
-    peer_token: str,
+    tokens: Tokens,
     tls_context: ssl.SSLContext | None,
 ) -> int:
     from pi_agent.app import Agent
 
-    agent = Agent(cfg, token, peer_token, tls_context)
+    agent = Agent(cfg, tokens, tls_context)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
     def reload() -> None:
         try:
             new = _config(args)
-            new_token, new_peer_token = read_token(new), read_peer_token(new)
+            new_tokens = read_tokens(new)
             new_tls = _serving(new)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
-        task = loop.create_task(agent.reload(new, new_token, new_peer_token, new_tls))
+        task = loop.create_task(agent.reload(new, new_tokens, new_tls))
         task.add_done_callback(lambda t: t.exception() and log.error("reload: %s", t.exception()))
 
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
@@ -235,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _config(args)
         serving = args.command == "serve"
-        token = read_token(cfg) if serving else ""
-        peer_token = read_peer_token(cfg) if serving else ""
+        tokens = read_tokens(cfg) if serving else Tokens("")
         tls_context = _serving(cfg) if serving or args.command == "check-config" else None
     except ConfigError as exc:
         if args.debug:
@@ -250,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return _bench(args, cfg)
     try:
-        return asyncio.run(_serve(args, cfg, token, peer_token, tls_context))
+        return asyncio.run(_serve(args, cfg, tokens, tls_context))
     except KeyboardInterrupt:  # pragma: no cover
         return 130
 

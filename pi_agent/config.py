@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import copy
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 DEFAULTS = Path(__file__).with_name("defaults.toml")
 SYSTEM_CONFIG = Path("/etc/pi-agent/agent.toml")
 
-COLLECTORS = ("thermal", "throttling", "memory", "zram", "cpu", "llama_server", "bench", "blobs")
+COLLECTORS = (
+    "thermal", "throttling", "memory", "zram", "cpu", "llama_server", "bench", "blobs", "disk",
+)  # fmt: skip
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -150,3 +153,29 @@ def read_peer_token(cfg: Config) -> str:
     """The fleet's peer token from ``agent.peer_token_file`` ("" when unset); a missing or short
     one is a config error."""
     return _read_secret(cfg, "peer_token_file") if cfg["agent"]["peer_token_file"] else ""
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The bearer tokens an agent accepts: its own (everything), the fleet's peer token (blobs)
+    and the fleet's service token (inference and reads); "" where unset."""
+
+    agent: str
+    peer: str = ""
+    service: str = ""
+
+
+def read_tokens(cfg: Config) -> Tokens:
+    """Every token of ``cfg``; a missing or short one is a config error naming its key, and so
+    is one token given twice (a service or peer token would then open everything)."""
+    tokens = Tokens(
+        read_token(cfg),
+        read_peer_token(cfg),
+        _read_secret(cfg, "service_token_file") if cfg["agent"]["service_token_file"] else "",
+    )
+    given = [t for t in (tokens.agent, tokens.peer, tokens.service) if t]
+    if len(set(given)) != len(given):
+        raise ConfigError(
+            "agent.token_file, peer_token_file and service_token_file must hold different tokens"
+        )
+    return tokens

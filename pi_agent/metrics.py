@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections import Counter
@@ -356,6 +357,31 @@ class BlobCollector:
         for status, count in sorted(self.stats.requests.items()):
             requests.add(count, status=str(status))
         return [served, requests]
+
+
+class DiskCollector:
+    """Free and total bytes of the file system holding the agent's state (models, CSVs, logs):
+    what an install needs room on."""
+
+    name = "disk"
+
+    def __init__(
+        self, path: Path, statvfs: Callable[[Path], os.statvfs_result] = os.statvfs
+    ) -> None:
+        self.path = Path(path)
+        self.statvfs = statvfs
+
+    async def collect(self) -> list[Family]:
+        st = await asyncio.to_thread(self.statvfs, self.path)
+        labels = {"path": str(self.path)}
+        avail = gauge(
+            "pi_agent_filesystem_avail_bytes", "Bytes free to the agent (non-root) on its state."
+        )
+        size = gauge("pi_agent_filesystem_size_bytes", "Size of the file system of its state.")
+        return [
+            avail.add(st.f_bavail * st.f_frsize, **labels),
+            size.add(st.f_blocks * st.f_frsize, **labels),
+        ]
 
 
 class Registry:

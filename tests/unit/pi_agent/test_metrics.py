@@ -24,6 +24,12 @@ def fake_clock():
     return lambda: next(ticks) * 0.001
 
 
+def _fake_statvfs(path: Path) -> os.statvfs_result:
+    # A 32 GB card, 4096-byte fragments, 5 GiB free to users (root keeps its 5% apart).
+    blocks, free, avail = 7_812_500, 1_408_000, 1_310_720
+    return os.statvfs_result((4096, 4096, blocks, free, avail, 1 << 21, 1 << 20, 1 << 20, 0, 255))
+
+
 def registry(board: str, collectors: list[str] | None = None) -> metrics.Registry:
     host = Host(FIXTURES / board / "root")
     made = {
@@ -37,6 +43,7 @@ def registry(board: str, collectors: list[str] | None = None) -> metrics.Registr
         "blobs": metrics.BlobCollector(
             metrics.BlobStats(bytes_served=3 << 20, requests=Counter({206: 3, 200: 1, 404: 2}))
         ),
+        "disk": metrics.DiskCollector(Path("/var/lib/pi-agent"), statvfs=_fake_statvfs),
     }
     names = collectors or list(made)
     return metrics.Registry([made[n] for n in names], host, clock=fake_clock())
