@@ -464,7 +464,16 @@ def document() -> dict[str, Any]:
         },
         "components": {
             "schemas": SCHEMAS,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The agent's own token (agent.token_file) opens every path. "
+                    "The fleet's service token (agent.service_token_file) opens inference, "
+                    "readiness, metrics, status and the model lists only; the peer token "
+                    "(agent.peer_token_file) the blobs only.",
+                }
+            },
         },
         "security": [{"bearer": []}],
         "paths": paths,
