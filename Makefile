@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 export PIDISTILL_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-APT_PACKAGES := build-essential cmake ccache git python3-venv podman runc debootstrap prometheus aria2 mktorrent libopenblas-dev qemu-user-static crossbuild-essential-arm64
+APT_PACKAGES := build-essential cmake ccache git python3-venv podman runc debootstrap prometheus haproxy aria2 mktorrent libopenblas-dev qemu-user-static crossbuild-essential-arm64
 # The Pis' OpenBLAS, for cross-building llama.cpp's OpenBLAS variant (multiarch: arm64 added to dpkg).
 APT_ARM64_PACKAGES := libopenblas-dev:arm64
 STAMP_APT_ARM64 := $(PIDISTILL_CACHE_DIR)/apt-arm64.stamp

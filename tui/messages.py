@@ -70,9 +70,17 @@ class HostUpdate:
 class AgentPolled(Message):
     """One round of agent polls finished."""
 
-    def __init__(self, updates: list[HostUpdate]) -> None:
+    def __init__(
+        self,
+        updates: list[HostUpdate],
+        gateway: dict[str, str] | None = None,
+        gateway_error: str = "",
+    ) -> None:
         super().__init__()
         self.updates = updates
+        # Each board's state at the gateway (None: the inventory has no gateway).
+        self.gateway = gateway
+        self.gateway_error = gateway_error
 
 
 class ChatPiece(Message):

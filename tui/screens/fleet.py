@@ -3,7 +3,9 @@
 The inventory is read by ansible (``tui.inventory``) in a worker thread; a broken file opens the
 error screen and leaves the screen empty but alive. Agents are polled every ``--refresh``
 seconds by a thread pool; a host whose agent does not answer shows why in its row. Selected
-hosts (space, or enter on a group) become the run screen's ``--limit`` (``l``).
+hosts (space, or enter on a group) become the run screen's ``--limit`` (``l``). With a host in
+the inventory's ``gateway`` group, each poll also reads every board's state at the gateway
+(``tui.gateway``: UP, DOWN, DRAIN, MAINT) into the Gateway column.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static, Tree
 
 from tui.agent import AgentClient, AgentError, AgentStatus
+from tui.gateway import find_gateway
 from tui.inventory import Fleet, InventoryError, load_inventory
 from tui.messages import AgentPolled, HostUpdate
 
@@ -38,7 +41,20 @@ COLUMNS = (
     ("Throttling", "throttling"),
     ("zram", "zram"),
     ("Agent", "agent"),
+    ("Gateway", "gateway"),
 )
+GATEWAY_STYLES = {"UP": "green", "DRAIN": "yellow", "MAINT": "yellow", "DOWN": "bold red"}
+
+
+def gateway_cell(states: dict[str, str] | None, host: str, error: str = "") -> Text:
+    """A host's state at the fleet's gateway: HAProxy's word for it, "-" where there is no
+    gateway or the host is not behind it, "?" when the gateway did not say."""
+    if error:
+        return Text("?", style="red")
+    if states is None or host not in states:
+        return Text("-", style="dim")
+    state = states[host]
+    return Text(state, style=GATEWAY_STYLES.get(state.split()[0], ""))
 
 
 def _ready(status: AgentStatus | None, error: str) -> Text:
@@ -66,6 +82,7 @@ def host_cells(status: AgentStatus | None, error: str) -> dict[str, Any]:
             "throttling": dash,
             "zram": dash,
             "agent": Text(error or "polling", style="red" if error else "dim"),
+            "gateway": Text("-", style="dim"),
         }
     temp = status.temperature_c
     throttling = status.throttling
@@ -81,6 +98,7 @@ def host_cells(status: AgentStatus | None, error: str) -> dict[str, Any]:
         "throttling": Text(throttling, style="bold red" if status.throttled_now else ""),
         "zram": status.zram or "-",
         "agent": Text(error, style="red") if error else Text("ok", style="green"),
+        "gateway": Text("-", style="dim"),
     }
 
 
@@ -101,6 +119,8 @@ class FleetScreen(Screen[None]):
         self.fleet: Fleet | None = None
         self.selected: set[str] = set()
         self.statuses: dict[str, HostUpdate] = {}
+        self.gateway: dict[str, str] | None = None
+        self.gateway_error = ""
         self.polls = 0
 
     @property
@@ -158,6 +178,7 @@ class FleetScreen(Screen[None]):
         for name, host in fleet.hosts.items():
             update = self.statuses.get(name)
             cells = host_cells(update.status if update else None, update.error if update else "")
+            cells["gateway"] = gateway_cell(self.gateway, name, self.gateway_error)
             table.add_row(
                 self._mark(name),
                 name,
@@ -190,25 +211,45 @@ class FleetScreen(Screen[None]):
                 return HostUpdate(name, None, str(err))
             return HostUpdate(name, status)
 
-        with ThreadPoolExecutor(max_workers=min(8, len(fleet.hosts))) as pool:
+        def ask_gateway() -> tuple[dict[str, str] | None, str]:
+            gateway = find_gateway(fleet, self.fleet_app.settings.project_dir, ca_file)
+            if gateway is None:
+                return None, ""
+            try:
+                return gateway.states(), ""
+            except AgentError as err:
+                return None, f"{gateway.host}: {err}"
+
+        with ThreadPoolExecutor(max_workers=min(8, len(fleet.hosts) + 1)) as pool:
+            at_gateway = pool.submit(ask_gateway)
             updates = list(pool.map(ask, fleet.hosts))
-        self.post_message(AgentPolled(updates))
+            states, gateway_error = at_gateway.result()
+        self.post_message(AgentPolled(updates, states, gateway_error))
 
     def on_agent_polled(self, message: AgentPolled) -> None:
         table = self.query_one("#hosts", DataTable)
         rows = {str(key.value) for key in table.rows}
+        self.gateway, self.gateway_error = message.gateway, message.gateway_error
         for update in message.updates:
             self.statuses[update.host] = update
             if update.host not in rows:
                 continue
-            for key, value in host_cells(update.status, update.error).items():
+            cells = host_cells(update.status, update.error)
+            cells["gateway"] = gateway_cell(self.gateway, update.host, self.gateway_error)
+            for key, value in cells.items():
                 table.update_cell(update.host, key, value)
         self.polls += 1
         down = sum(1 for u in message.updates if u.error)
-        self._status(
+        text = (
             f"{len(message.updates)} agents polled: {len(message.updates) - down} up, "
             f"{down} down (poll {self.polls}, every {self.fleet_app.settings.refresh_s:g}s)"
         )
+        if self.gateway is not None:
+            behind = sum(1 for state in self.gateway.values() if state == "UP")
+            text += f"; gateway: {behind} of {len(self.gateway)} boards UP"
+        elif self.gateway_error:
+            text += f"; gateway: {self.gateway_error}"
+        self._status(text)
 
     # selection
 
