@@ -1,12 +1,14 @@
 #!/usr/bin/python3
-"""A stand-in pi-agent for the gateway's scenario: agent_stub.py PORT NAME TOKEN_FILE.
+"""A stand-in pi-agent for the gateway's scenarios: agent_stub.py PORT NAME TOKEN_FILE [TLS_PREFIX].
 
 GET /readyz answers 200 to the service token only (401 otherwise), as the agent does; GET /v1/models
 and POST /v1/chat/completions answer with the stub's name and the Authorization header it received,
-so that the scenario can see which board served a request and with which token.
+so that a scenario can see which board served a request and with which token. When TLS_PREFIX.pem
+and TLS_PREFIX.key exist, it serves HTTPS with them.
 """
 
 import json
+import ssl
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,16 +39,22 @@ def main(argv: list[str]) -> int:
             else:
                 self.reply(404, {"error": {"message": f"no such endpoint: {self.path}"}})
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             self.answer()
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self.answer(self.rfile.read(int(self.headers.get("Content-Length", 0))))
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             sys.stderr.write(f"{name}: {format % args}\n")
 
-    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    tls = Path(argv[4]) if len(argv) > 4 else None
+    if tls and tls.with_suffix(".pem").exists():
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls.with_suffix(".pem"), tls.with_suffix(".key"))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.serve_forever()
     return 0
 
 
