@@ -42,7 +42,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 LAB_ORDER = ("test_lab_boot", "test_lab_site", "test_lab_serving", "test_lab_faults",
-             "test_lab_gate", "test_lab_delivery", "test_lab_encoder")  # fmt: skip
+             "test_lab_gate", "test_lab_delivery", "test_lab_encoder",
+             "test_lab_services")  # fmt: skip
 
 
 def _rank(module: str) -> int:
