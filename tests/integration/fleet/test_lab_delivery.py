@@ -91,8 +91,16 @@ def test_boards_pull_from_peers_and_a_source_cut_mid_transfer_is_replaced(
     # The peer token reached aria2c on its standard input: no settings file holds it.
     for host in ("pi-2", "pi-3"):
         assert on_board(lab, host, "ls /etc/pi-agent").split() == sorted(
-            ["agent.toml", "allowlist", "fleet-ca.pem", "peer-token", "service-token", "tls.key",
-             "tls.pem", "token"]
+            [
+                "agent.toml",
+                "allowlist",
+                "fleet-ca.pem",
+                "peer-token",
+                "service-token",
+                "tls.key",
+                "tls.pem",
+                "token",
+            ]
         )
 
 
