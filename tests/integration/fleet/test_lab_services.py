@@ -35,10 +35,6 @@ CLIENT_TOKEN = ROOT / ".cache" / "fleet" / "gateway" / "clients" / "default"
 REQUEST = {"messages": [{"role": "user", "content": "Allô, ça va?"}], "max_tokens": 8}
 
 
-def services(inventory: Path, *extra: str) -> list[str]:
-    return [PLAYBOOK, "playbooks/site.yml", "-i", str(inventory), "-i", str(SERVICES), *extra]
-
-
 @pytest.fixture(scope="module")
 def up(lab: Path, student_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """site.yml with the services' groups: the boards provisioned (already, after the lab
@@ -145,7 +141,8 @@ def test_site_brings_up_the_gateway_and_every_board_is_up_behind_it(up: Path) ->
     wait_for(lambda: set(board_states(up).values()) == {"UP"}, 60, "every board UP")
     assert sorted(board_states(up)) == HOSTS
     # A second run changes nothing.
-    done = run(services(up, "--tags", "services"), timeout=900)
+    again = [PLAYBOOK, "playbooks/services.yml", "-i", str(up), "-i", str(SERVICES)]
+    done = run(again, timeout=900)
     assert recap(done.stdout)["pi-1"]["changed"] == 0, done.stdout[-3000:]
 
 
