@@ -129,7 +129,7 @@ def bench_labelling(
     import tempfile
 
     from distill.label import OpenAITeacher, TransformersTeacher
-    from distill.llamacpp import serve
+    from distill.llamacpp import TEACHER_FLAGS, serve
     from distill.models import cpu_has_native_bf16, embedded_teacher_gguf
 
     records = _prompts(rows)
@@ -182,8 +182,9 @@ def bench_labelling(
         log.info("labelling: llama-server with %d slots over %d rows", parallel, rows)
         threads = os.cpu_count() or 2
         with serve(
-            embedded_teacher_gguf(), parallel=parallel, ctx_size=1024, threads=threads
-        ) as url:
+            embedded_teacher_gguf(), parallel=parallel, ctx_size=1024, threads=threads,
+            extra=TEACHER_FLAGS,
+        ) as url:  # fmt: skip
             tokens, seconds = _label_run(
                 records,
                 Path(tmp),
@@ -372,7 +373,10 @@ def distillation_rows(result: dict[str, Any]) -> list[Row]:
 # ----------------------------------------------------------------------------- labelling at size
 
 
-def bench_label_size(rows: int, max_new_tokens: int, parallel: int) -> list[Row]:
+TEACHERS = {"tiny": "a tiny llama (f16)", "embedded": "SmolLM2-135M Q4_1"}
+
+
+def bench_label_size(rows: int, max_new_tokens: int, parallel: int, teacher: str) -> list[Row]:
     """Peak RSS and rows/s of distill label at rows/10 and rows, and the resume scan."""
     import tempfile
 
@@ -380,9 +384,9 @@ def bench_label_size(rows: int, max_new_tokens: int, parallel: int) -> list[Row]
 
     small = max(1, rows // 10)
     with tempfile.TemporaryDirectory() as tmp:
-        result = measure(Path(tmp), (small, rows), max_new_tokens, parallel)
+        result = measure(Path(tmp), (small, rows), max_new_tokens, parallel, teacher)
     detail = (
-        f"llama-server, SmolLM2-135M Q4_1, {parallel} slots, {max_new_tokens} new tokens, "
+        f"llama-server, {TEACHERS[teacher]}, {parallel} slots, {max_new_tokens} new tokens, "
         f"short {{user}} rows, {os.cpu_count()} cores"
     )
     runs = result["runs"]
@@ -419,7 +423,9 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "agent": lambda a: bench_agent(),
     "fleet": lambda a: bench_fleet_rows(a.out),
     "distillation": lambda a: bench_distillation(a.out, a.distill_steps),
-    "labelling-size": lambda a: bench_label_size(a.size_rows, a.size_tokens, a.parallel),
+    "labelling-size": lambda a: bench_label_size(
+        a.size_rows, a.size_tokens, a.parallel, a.size_teacher
+    ),
 }
 
 
@@ -470,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size-tokens", type=int, default=4,
                         help="tokens per answer in labelling-size")  # fmt: skip
+    parser.add_argument("--size-teacher", choices=sorted(TEACHERS), default="tiny",
+                        help="llama-server's model in labelling-size")  # fmt: skip
     args = parser.parse_args(argv)
     for name in ("rows", "loop_rows", "max_new_tokens", "batch_size", "parallel", "threads",
                  "distill_steps", "size_rows", "size_tokens"):  # fmt: skip

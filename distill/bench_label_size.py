@@ -4,8 +4,10 @@
     python -m distill.bench --out runs/bench --only labelling-size --size-rows 20000
 
 A synthetic file of short ``{"user": ...}`` rows (ids derived from the content) is labelled by
-``distill label --teacher-url`` against llama-server on the embedded teacher GGUF, the answers
-cut to a few tokens: what is measured is ``distill label`` itself, not the teacher. Each run is
+``distill label --teacher-url`` against llama-server on a tiny llama (``distill.models.
+make_tiny_llama``, a few hundred thousand parameters, converted by llama.cpp's own converter;
+``--size-teacher embedded``: the embedded SmolLM2-135M GGUF, ~6x slower here), the answers cut to
+a few tokens: what is measured is ``distill label`` itself, not the teacher. Each run is
 a child process whose peak resident memory comes from the kernel (``wait4``'s ``ru_maxrss``).
 Then ``--skip-existing`` runs again over the finished output: every row is skipped, and its
 wall time is the resume scan (validate the input, gather the done ids, check the order).
@@ -101,9 +103,24 @@ def label_once(source: Path, output: Path, url: str, args: list[str]) -> Run:
     return Run(seconds, rss, json.loads(out.strip().splitlines()[-1]))
 
 
-def measure(tmp: Path, sizes: tuple[int, int], max_new_tokens: int, parallel: int) -> dict:
+def tiny_teacher(tmp: Path) -> Path:
+    """A tiny llama as an f16 GGUF, its tokenizer trained on prompts like the bench's."""
+    from distill.export import convert_to_gguf
+    from distill.llamacpp import require_tools
+    from distill.models import make_tiny_llama
+
+    corpus = [f"{WORDS[i % 6]}, question {i}: ça va? Oui, ben correct." for i in range(2000)]
+    model = make_tiny_llama(tmp / "tiny-teacher", corpus)
+    gguf = tmp / "tiny-teacher-f16.gguf"
+    convert_to_gguf(require_tools(), model, gguf, "f16")
+    return gguf
+
+
+def measure(
+    tmp: Path, sizes: tuple[int, int], max_new_tokens: int, parallel: int, teacher: str = "tiny"
+) -> dict:
     """Label each size, then resume the largest with ``--skip-existing``; what was measured."""
-    from distill.llamacpp import serve
+    from distill.llamacpp import TEACHER_FLAGS, serve
     from distill.models import embedded_teacher_gguf
 
     flags = [
@@ -117,8 +134,9 @@ def measure(tmp: Path, sizes: tuple[int, int], max_new_tokens: int, parallel: in
     ]
     result: dict = {"runs": {}}
     threads = os.cpu_count() or 2
-    with serve(embedded_teacher_gguf(), parallel=parallel, ctx_size=256 * parallel,
-               threads=threads) as url:  # fmt: skip
+    model = tiny_teacher(tmp) if teacher == "tiny" else embedded_teacher_gguf()
+    with serve(model, parallel=parallel, ctx_size=256 * parallel, threads=threads,
+               extra=TEACHER_FLAGS) as url:  # fmt: skip
         for rows in sizes:
             source = write_prompts(tmp / f"prompts-{rows}.jsonl", rows)
             log.info("labelling-size: distill label over %d rows", rows)
