@@ -198,9 +198,9 @@ def test_completions_per_second_through_the_gateway_and_on_one_board(up: Path) -
     request through the gateway is answered."""
     board = lab_hosts(up)["pi-2"]["pi_agent_url"]
     with Load(board, clients=2, token_file=SERVICE_TOKEN) as direct:
-        time.sleep(30)
+        time.sleep(15)
     with Load(gateway_url(up), clients=6) as through:
-        time.sleep(30)
+        time.sleep(15)
     for name, load in (("pi-2 directly, 2 clients", direct), ("gateway, 6 clients", through)):
         print(f"{name}: {load.statuses[200] / load.seconds:.2f} completions/s "
               f"({dict(load.statuses)} in {load.seconds:.0f} s)")  # fmt: skip
