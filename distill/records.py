@@ -385,8 +385,11 @@ def iter_records(
     require_answer: bool = False,
     allow_empty: bool = False,
 ) -> Iterator[Record]:
-    """:func:`read_many` one row at a time: only the ids seen so far stay in memory."""
-    seen: set[str] = set()
+    """:func:`read_many` one row at a time: only the ids seen so far stay in memory, as 16-byte
+    fingerprints (:class:`distill.idset.IdSet`)."""
+    from distill.idset import IdSet
+
+    seen = IdSet()
     for path in paths:
         if not Path(path).is_file():
             raise RecordError(path, 0, "(file)", "no such file")

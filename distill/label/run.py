@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import argspec
+from distill.idset import IdSet
 from distill.label.args import Answer, Generation, LabelArgs, LabelError, Teacher
 from distill.label.quality import Gate, problem
 from distill.records import (
@@ -111,11 +112,11 @@ def _done_rows(path: Path) -> Iterator[dict[str, Any]]:
         yield row
 
 
-def _done_ids(args: LabelArgs) -> set[str]:
-    """Ids already labelled or rejected; only the ids are held, not the rows."""
+def _done_ids(args: LabelArgs) -> IdSet:
+    """Ids already labelled or rejected; only their fingerprints are held, not the rows."""
     from distill.logprobs import repair
 
-    done: set[str] = set()
+    done = IdSet()
 
     def note(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for row in rows:
@@ -201,7 +202,7 @@ def label(
 
     from distill.logprobs import repair
 
-    done: set[str] = set()
+    done = IdSet()
     existing_output = args.output.exists() and args.output.stat().st_size > 0
     if existing_output and not (args.skip_existing or args.overwrite):
         raise LabelError(
