@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Iterable
+from pathlib import Path
 
 _MIN_SLOTS = 1024
 _MAX_LOAD = 0.75
@@ -28,9 +29,11 @@ class IdSet:
     """A set of strings that supports ``add``, ``update``, ``in`` and ``len`` (no iteration:
     the ids themselves are not kept)."""
 
-    def __init__(self, values: Iterable[str] = ()) -> None:
+    def __init__(self, values: Iterable[str] = (), expected: int = 0) -> None:
+        """``expected``: how many ids will come, so that the table is made once at its size
+        (a table that grows holds its old and new arrays at once while it copies)."""
         self._size = 0
-        self._hi, self._lo = self._table(_MIN_SLOTS)
+        self._hi, self._lo = self._table(max(_MIN_SLOTS, int(expected / _MAX_LOAD) + 1))
         self.update(values)
 
     @staticmethod
@@ -82,3 +85,17 @@ class IdSet:
     def nbytes(self) -> int:
         """Bytes of the table (what the set costs beyond a few hundred bytes of object)."""
         return 2 * 8 * len(self._lo)
+
+
+def count_lines(paths: Iterable[str | Path]) -> int:
+    """Newlines in these files (missing ones count 0), read in 1 MiB blocks: how many rows an
+    IdSet will see, at a few milliseconds per 100k rows."""
+    total = 0
+    for path in paths:
+        try:
+            with Path(path).open("rb") as handle:
+                while block := handle.read(1 << 20):
+                    total += block.count(b"\n")
+        except FileNotFoundError:
+            continue
+    return total

@@ -387,9 +387,9 @@ def iter_records(
 ) -> Iterator[Record]:
     """:func:`read_many` one row at a time: only the ids seen so far stay in memory, as 16-byte
     fingerprints (:class:`distill.idset.IdSet`)."""
-    from distill.idset import IdSet
+    from distill.idset import IdSet, count_lines
 
-    seen = IdSet()
+    seen = IdSet(expected=count_lines(paths))
     for path in paths:
         if not Path(path).is_file():
             raise RecordError(path, 0, "(file)", "no such file")

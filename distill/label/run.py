@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import argspec
-from distill.idset import IdSet
+from distill.idset import IdSet, count_lines
 from distill.label.args import Answer, Generation, LabelArgs, LabelError, Teacher
 from distill.label.quality import Gate, problem
 from distill.records import (
@@ -116,7 +116,7 @@ def _done_ids(args: LabelArgs) -> IdSet:
     """Ids already labelled or rejected; only their fingerprints are held, not the rows."""
     from distill.logprobs import repair
 
-    done = IdSet()
+    done = IdSet(expected=count_lines([args.output, args.rejects_path]))
 
     def note(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for row in rows:

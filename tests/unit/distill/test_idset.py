@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import tracemalloc
 
-from distill.idset import IdSet
+from distill.idset import IdSet, count_lines
 
 
 def test_it_answers_as_a_set_does_through_growth() -> None:
@@ -44,3 +44,17 @@ def test_a_hundred_thousand_ids_take_a_fraction_of_a_sets_memory() -> None:
     assert len(ours) == len(theirs) == 100_000
     assert ours_peak < theirs_size / 2, (ours_peak, theirs_size)
     assert ours.nbytes < 16 * 100_000 / 0.75 * 1.5 + 16 * 1024
+
+
+def test_a_table_made_at_its_expected_size_never_grows(tmp_path) -> None:
+    ours = IdSet(expected=10_000)
+    before = ours.nbytes
+    ours.update(f"id-{i}" for i in range(10_000))
+    assert ours.nbytes == before and len(ours) == 10_000
+    ours.update(f"more-{i}" for i in range(5_000))  # more than expected: it grows all the same
+    assert ours.nbytes > before and all(f"more-{i}" in ours for i in range(5_000))
+
+
+def test_count_lines_counts_newlines_and_skips_missing_files(tmp_path) -> None:
+    (tmp_path / "a.jsonl").write_bytes(b"{}\n" * 3 + b"x" * (3 << 20) + b"\n")
+    assert count_lines([tmp_path / "a.jsonl", tmp_path / "absent.jsonl"]) == 4
