@@ -42,17 +42,19 @@ def test_every_stand_in_answers_ssh_as_pi_with_sudo(lab) -> None:
 def test_a_stand_in_whose_systemd_dies_while_booting_is_recreated_once(
     lab, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    lab_py = lab_module()
-    key = lab_py.ssh_key()
-    name = lab_py.start(9, key)  # a spare stand-in, outside the inventory
+    lab_module()  # scripts/ on the path: the lab's steps are labkit's modules
+    from labkit import boot, common
+
+    key = common.ssh_key()
+    name = boot.start(9, key)  # a spare stand-in, outside the inventory
     try:
         first = subprocess.run(["podman", "--runtime", "runc", "inspect", "--format",
                                 "{{.Id}} {{.State.Pid}}", name], capture_output=True, text=True,
                                check=True).stdout.split()  # fmt: skip
         os.kill(int(first[1]), signal.SIGKILL)  # its systemd, before sshd is up
-        lab_py.boot(9, key)
+        boot.boot(9, key)
         assert "its systemd (PID 1) is gone while booting" in capsys.readouterr().err
-        assert lab_py.init_alive(name)
+        assert boot.init_alive(name)
         again = subprocess.run(
             ["podman", "--runtime", "runc", "inspect", "--format", "{{.Id}}", name],
             capture_output=True,
