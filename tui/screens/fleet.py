@@ -69,8 +69,8 @@ def _ready(status: AgentStatus | None, error: str) -> Text:
     }[status.ready]
 
 
-def host_cells(status: AgentStatus | None, error: str) -> dict[str, Any]:
-    """The agent columns of a host's row."""
+def host_cells(status: AgentStatus | None, error: str, gateway: Text) -> dict[str, Any]:
+    """The agent columns of a host's row, and its state at the gateway (``gateway_cell``)."""
     if status is None:
         dash = Text("-", style="dim")
         return {
@@ -82,7 +82,7 @@ def host_cells(status: AgentStatus | None, error: str) -> dict[str, Any]:
             "throttling": dash,
             "zram": dash,
             "agent": Text(error or "polling", style="red" if error else "dim"),
-            "gateway": Text("-", style="dim"),
+            "gateway": gateway,
         }
     temp = status.temperature_c
     throttling = status.throttling
@@ -98,7 +98,7 @@ def host_cells(status: AgentStatus | None, error: str) -> dict[str, Any]:
         "throttling": Text(throttling, style="bold red" if status.throttled_now else ""),
         "zram": status.zram or "-",
         "agent": Text(error, style="red") if error else Text("ok", style="green"),
-        "gateway": Text("-", style="dim"),
+        "gateway": gateway,
     }
 
 
@@ -177,8 +177,8 @@ class FleetScreen(Screen[None]):
         table.clear()
         for name, host in fleet.hosts.items():
             update = self.statuses.get(name)
-            cells = host_cells(update.status if update else None, update.error if update else "")
-            cells["gateway"] = gateway_cell(self.gateway, name, self.gateway_error)
+            cells = host_cells(update.status if update else None, update.error if update else "",
+                               gateway_cell(self.gateway, name, self.gateway_error))  # fmt: skip
             table.add_row(
                 self._mark(name),
                 name,
@@ -234,8 +234,8 @@ class FleetScreen(Screen[None]):
             self.statuses[update.host] = update
             if update.host not in rows:
                 continue
-            cells = host_cells(update.status, update.error)
-            cells["gateway"] = gateway_cell(self.gateway, update.host, self.gateway_error)
+            at_gateway = gateway_cell(self.gateway, update.host, self.gateway_error)
+            cells = host_cells(update.status, update.error, at_gateway)
             for key, value in cells.items():
                 table.update_cell(update.host, key, value)
         self.polls += 1
