@@ -17,6 +17,7 @@ Goal (issue 14): memory stays flat, the 100k-row run's peak RSS within 10% of th
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -109,7 +110,8 @@ def tiny_teacher(tmp: Path) -> Path:
     from distill.llamacpp import require_tools
     from distill.models import make_tiny_llama
 
-    corpus = [f"{WORDS[i % 6]}, question {i}: ça va? Oui, ben correct." for i in range(2000)]
+    corpus = [f"{word}, question {i}: ça va? Oui, ben correct."
+              for i, word in zip(range(2000), itertools.cycle(WORDS), strict=False)]  # fmt: skip
     model = make_tiny_llama(tmp / "tiny-teacher", corpus)
     gguf = tmp / "tiny-teacher-f16.gguf"
     convert_to_gguf(require_tools(), model, gguf, "f16")
