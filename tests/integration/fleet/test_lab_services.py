@@ -11,7 +11,6 @@ test leaves every board serving the student it found there.
 from __future__ import annotations
 
 import json
-import ssl
 import threading
 import time
 import urllib.error
@@ -23,7 +22,18 @@ from pathlib import Path
 
 import pytest
 from fleet_helpers import ROOT, make_export, recap, run, version_of
-from lab_helpers import FLEET_CA, HOSTS, PLAYBOOK, active_version, lab_hosts, on_board, site
+from lab_helpers import (
+    FLEET_CA,
+    HOSTS,
+    PLAYBOOK,
+    active_version,
+    fleet_tls,
+    lab_hosts,
+    on_board,
+    site,
+)
+
+from tui.gateway import Gateway
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +86,7 @@ class Load:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.context = ssl.create_default_context(cafile=FLEET_CA / "ca.pem")
+        self.context = fleet_tls()
         self.token = self.token_file.read_text().strip()
         self.threads = [threading.Thread(target=self._client) for _ in range(self.clients)]
 
@@ -118,18 +128,9 @@ class Load:
 
 
 def board_states(inventory: Path) -> dict[str, str]:
-    """Each board's state at the gateway, from its stats CSV (what the TUI reads)."""
-    request = urllib.request.Request(
-        gateway_url(inventory) + "/gateway/stats;csv",
-        headers={"Authorization": f"Bearer {CLIENT_TOKEN.read_text().strip()}"},
-    )
-    context = ssl.create_default_context(cafile=FLEET_CA / "ca.pem")
-    with urllib.request.urlopen(request, timeout=10, context=context) as response:
-        lines = response.read().decode().lstrip("# ").splitlines()
-    header = lines[0].split(",")
-    rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
-    return {r["svname"]: r["status"] for r in rows if r["pxname"] == "pi_agents"
-            and r["svname"] not in ("FRONTEND", "BACKEND")}  # fmt: skip
+    """Each board's state at the gateway, from its stats CSV, as the TUI reads it."""
+    token = CLIENT_TOKEN.read_text().strip()
+    return Gateway("pi-1", gateway_url(inventory), token, FLEET_CA / "ca.pem").states(timeout=10)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -149,7 +150,7 @@ def test_site_brings_up_the_gateway_and_every_board_is_up_behind_it(up: Path) ->
 
 
 def test_a_client_without_the_gateway_s_token_is_refused(up: Path) -> None:
-    context = ssl.create_default_context(cafile=FLEET_CA / "ca.pem")
+    context = fleet_tls()
     for header in ({}, {"Authorization": "Bearer " + (ROOT / ".cache/fleet/tokens/pi-1").read_text()
                         .strip()}):  # fmt: skip
         request = urllib.request.Request(gateway_url(up) + "/v1/models", headers=header)
