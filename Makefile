@@ -78,7 +78,7 @@ release: $(STAMP_VENV) llamacpp ## label, train, export, eval on the embedded de
 test: $(STAMP_VENV) llamacpp ## run every test (slow ones included) but the arm64 emulation ones
 	$(BIN)/pytest -m "not emulation" -n 2 --dist loadgroup
 
-test-arm64: $(STAMP_VENV) $(STAMP_APT_ARM64) llamacpp ## arm64 under qemu: stand-ins (the first run builds their root fs), site.yml on them, the teacher cross-built
+test-arm64: $(STAMP_VENV) $(STAMP_APT_ARM64) llamacpp ## arm64 under qemu: stand-ins (the first run builds their root fs), site.yml on them, molecule's arm64 scenarios, the teacher cross-built
 	$(BIN)/pytest -m emulation
 
 test-fast: $(STAMP_VENV) ## skip the slow tests

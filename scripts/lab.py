@@ -3,6 +3,7 @@
     python scripts/lab.py up                # 3 stand-in Pis, inventory/lab.yml written
     python scripts/lab.py up --hosts 2      # or N=2 through `make lab-up`
     python scripts/lab.py image             # only the image (molecule scenarios boot it too)
+    python scripts/lab.py image --arch arm64   # the arm64 image and the Pis' device trees
     python scripts/lab.py status
     python scripts/lab.py down              # containers, network, key, image and inventory: gone
     python scripts/lab.py up --arch arm64 --hosts 2        # arm64 stand-ins (a Pi 4, a Pi 5)
@@ -33,7 +34,7 @@ import os
 import shutil
 import sys
 
-from lab_arch import NATIVE, ArchError, ensure_binfmt, parse_spec
+from lab_arch import BOARDS, NATIVE, ArchError, board_tree, ensure_binfmt, parse_spec
 from labkit.boot import boot, host_spec, raise_inotify_limits, start
 from labkit.common import (
     CACHE,
@@ -184,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             return down(args.keep_image)
         if args.command == "image":
             print(ensure_image(args.arch))
+            if args.arch == "arm64":  # what molecule's arm64 scenarios bind at /sys/firmware
+                for board in BOARDS:
+                    print(f"lab: {board}'s device tree at {board_tree(board, CACHE)}",
+                          file=sys.stderr)  # fmt: skip
             return 0
         return status()
     except LabError as err:
