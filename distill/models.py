@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +91,21 @@ def embedded_encoder() -> Path:
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU computes in bf16 natively (then bf16 is much faster than fp32 there)."""
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) below the first with bf16 instructions: torch's CPU bf16
+# matmuls then run emulated, ~9x slower than fp32 on an AVX512-BF16 CPU capped at AVX2.
+_ONEDNN_NO_BF16 = frozenset(
+    {"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core", "avx512_core_vnni"}
+)
+
+
+def cpu_has_native_bf16(
+    cpuinfo: Path = Path("/proc/cpuinfo"), environ: Mapping[str, str] = os.environ
+) -> bool:
+    """Whether this CPU computes in bf16 natively (then bf16 is much faster than fp32 there).
+    ``ONEDNN_MAX_CPU_ISA`` capped below bf16 (e.g. ``AVX2``, to run as an AVX2-only CPU would)
+    means no, whatever the CPU has."""
+    if environ.get("ONEDNN_MAX_CPU_ISA", "").strip().lower() in _ONEDNN_NO_BF16:
+        return False
     try:
         text = cpuinfo.read_text(encoding="utf-8", errors="replace")
     except OSError:

@@ -121,3 +121,14 @@ def test_native_bf16_is_read_from_cpuinfo(tmp_path: Path, text: str, native: boo
 
 def test_an_unreadable_cpuinfo_means_no_bf16(tmp_path: Path) -> None:
     assert cpu_has_native_bf16(tmp_path / "missing") is False
+
+
+ISA_CAPS = [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True), ("ALL", True),
+            ("", True)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cap", "native"), ISA_CAPS)
+def test_a_onednn_isa_cap_below_bf16_means_no_bf16(tmp_path: Path, cap: str, native: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\n" + CPUINFO["x86 with AVX512-BF16"][0])
+    assert cpu_has_native_bf16(cpuinfo, {"ONEDNN_MAX_CPU_ISA": cap}) is native
