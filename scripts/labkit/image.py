@@ -72,7 +72,9 @@ rm -f /var/cache/apt/archives/*.deb
 # Pi OS's 100 MiB (Debian's default is twice the RAM: the workstation's, in a container). Its
 # swapon cannot happen in a container (swap is the host kernel's, and no CAP_SYS_ADMIN): the
 # lab's drop-in lets that one step fail, so the unit is active with /var/swap made, as on a Pi
-# whose swap the zram role then has to turn off.
+# whose swap the zram role then has to turn off. And bookworm's three units with LoadCredential=
+# load none: systemd's credentials step fails under qemu-user (status 243/CREDENTIALS, though
+# both tools succeed in a plain arm64 chroot), which left every arm64 stand-in "degraded".
 ARM64_PACKAGES = ("dphys-swapfile",)
 ARM64_CUSTOMIZE = r"""
 set -eu
@@ -81,6 +83,10 @@ install -d /etc/systemd/system/dphys-swapfile.service.d
 printf '[Service]\nExecStart=\nExecStart=/sbin/dphys-swapfile setup\nExecStart=-/sbin/dphys-swapfile swapon\n' \
   > /etc/systemd/system/dphys-swapfile.service.d/lab-no-swapon.conf
 systemctl enable dphys-swapfile.service
+for unit in systemd-sysusers systemd-tmpfiles-setup systemd-tmpfiles-setup-dev; do
+  install -d "/etc/systemd/system/$unit.service.d"
+  printf '[Service]\nLoadCredential=\n' > "/etc/systemd/system/$unit.service.d/lab-no-credentials.conf"
+done
 rm -f /var/cache/apt/archives/*.deb
 """  # noqa: E501
 
