@@ -460,9 +460,11 @@ class Server:
         head_only = request is not None and request.method == "HEAD"
         if isinstance(response, Response):
             headers["Content-Length"] = str(len(response.body))
-            writer.write(_head(response.status, headers))
-            if not head_only:
-                writer.write(response.body)
+            # Head and body in one write, so one send: an agent killed mid-response leaves its
+            # client (or the gateway, which cannot retry a response it has begun to forward)
+            # with the whole answer or nothing, never headers alone.
+            body = b"" if head_only else response.body
+            writer.write(_head(response.status, headers) + body)
             await writer.drain()
             return
         if isinstance(response, FileResponse):

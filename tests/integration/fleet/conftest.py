@@ -64,7 +64,7 @@ def lab_image() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def lab_image_arm64() -> Iterator[str]:
     """The arm64 stand-in image and the Pis' device trees, for molecule's arm64 scenarios (the
-    root file system is built under qemu the first time, ~7 min of CPU, then cached)."""
+    root file system is built under qemu the first time, 3-7 min of CPU, then cached)."""
     require_container_tools()
     done = run([sys.executable, str(LAB), "image", "--arch", "arm64"], timeout=3600)
     yield done.stdout.strip()
