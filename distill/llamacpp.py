@@ -7,7 +7,8 @@
 No GitHub is reachable here, so the pinned source is the ``vendor/llama.cpp`` tree of the
 ``llama-cpp-python`` source distribution on PyPI (``pip download --no-binary :all:``). Its git
 history is shallow, so the build number llama.cpp reports means nothing: the pin is recorded as
-the sdist version and the llama.cpp commit it vendors.
+the sdist version and the llama.cpp commit it vendors. One small patch is applied to it (see
+:data:`PATCHES`): llama-perplexity flushes its log before it exits.
 
 Only the needed targets are built, without the web UI (whose build would download it), tests or
 examples, statically linked so the binaries can be copied to same-architecture hosts. When
@@ -80,6 +81,21 @@ CROSS = "aarch64-linux-gnu"
 # What the llama_cpp role installs on a board (llama_cpp_targets): the agent's llama-server and
 # llama-bench (which also picks the variant), llama-cli and llama-quantize.
 BOARD_TARGETS: tuple[str, ...] = ("llama-server", "llama-bench", "llama-cli", "llama-quantize")
+# Changes to the pinned source, each one exact replacement (file, text, new text), applied once
+# after unpacking (see :func:`apply_patches`). llama.cpp's logger prints from a worker thread,
+# and the main logger is leaked on purpose at this commit (llama.cpp issue 22142); its header
+# asks a program to call common_log_flush() before it exits. llama-perplexity does not, so
+# what it prints last (the KL-divergence statistics the GGUF evaluation reads) can be lost at
+# exit: 1 run of 3 on an idle 2-core machine, 3 of 3 in a row on a busy CI machine.
+PATCHES: tuple[tuple[str, str, str], ...] = (
+    (
+        "tools/perplexity/perplexity.cpp",
+        "    llama_backend_free();\n\n    return 0;\n}\n",
+        "    llama_backend_free();\n\n"
+        "    common_log_flush(common_log_main()); // pidistill: print the whole log before exit\n\n"
+        "    return 0;\n}\n",
+    ),
+)
 
 
 class LlamaCppError(RuntimeError):
@@ -117,6 +133,9 @@ class Tools:
             "llama_cpp_commit": LLAMA_CPP_COMMIT,
             "source": f"llama-cpp-python {SDIST_VERSION} sdist (vendor/llama.cpp)",
             "variant": self.variant,
+            "patches": ", ".join(name for name, _, _ in PATCHES)
+            if self.variant != "external"
+            else "none",
         }
 
 
@@ -152,9 +171,10 @@ def flags(variant: str, board: str | None = None) -> tuple[str, ...]:
 
 
 def build_dir(variant: str, board: str | None = None) -> Path:
-    """One build directory per variant (and board) and set of flags: changed flags mean a fresh
-    build."""
-    digest = hashlib.sha256("\n".join(flags(variant, board)).encode()).hexdigest()[:8]
+    """One build directory per variant (and board), set of flags and source patches: changed
+    flags or patches mean a fresh build."""
+    key = "\n".join((*flags(variant, board), *("\0".join(p) for p in PATCHES)))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return root() / (f"build-{variant}-{digest}" if board is None else
                      f"cross-{board}-{variant}-{digest}")  # fmt: skip
 
@@ -201,10 +221,36 @@ def check_cross_toolchain(variant: str) -> None:
         )
 
 
+def apply_patches(source: Path, patches: Sequence[tuple[str, str, str]] = PATCHES) -> list[str]:
+    """Apply :data:`PATCHES` to the source tree, each file rewritten atomically; a patch
+    already there is skipped. Returns the files changed. A file whose text to replace is
+    missing or not unique (another source than the pin's) is an error naming it."""
+    from distill.records import atomic_write_text
+
+    changed = []
+    for name, old, new in patches:
+        path = source / name
+        text = path.read_text(encoding="utf-8")
+        if new in text:
+            continue
+        if text.count(old) != 1:
+            raise LlamaCppError(
+                f"{path}: cannot apply pidistill's patch: the text to replace is found "
+                f"{text.count(old)} times, not once (not the llama.cpp {LLAMA_CPP_COMMIT} source?)"
+            )
+        atomic_write_text(path, text.replace(old, new))
+        changed.append(name)
+    if changed:
+        log.info("patched the llama.cpp source: %s", ", ".join(changed))
+    return changed
+
+
 def fetch_source() -> Path:
-    """Unpack ``vendor/llama.cpp`` from the pinned sdist (``pip download``) into the cache."""
+    """Unpack ``vendor/llama.cpp`` from the pinned sdist (``pip download``) into the cache,
+    with :data:`PATCHES` applied (also to a tree unpacked before they existed)."""
     source = root() / "src"
     if (source / "CMakeLists.txt").is_file():
+        apply_patches(source)
         return source
     root().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root()) as tmp:
@@ -230,6 +276,7 @@ def fetch_source() -> Path:
             for member in members:
                 member.name = member.name[len(prefix) :]
             tar.extractall(Path(tmp) / "src", members=members, filter="data")
+        apply_patches(Path(tmp) / "src")
         (Path(tmp) / "src").rename(source)
     return source
 

@@ -176,6 +176,8 @@ def kl_divergence(
     An output without the wanted statistics is run again, ``tries`` times in all: at the
     pinned commit llama.cpp's asynchronous logger can lose the tail of a run that exited 0
     (see :func:`parse_kld_output`), on a busy machine everything after the model's loading.
+    The pinned build is patched to flush it before exit (``distill.llamacpp.PATCHES``); an
+    external one (``$PIDISTILL_LLAMA_CPP_BIN``) may not be.
     """
     from distill.llamacpp import run as run_tool
 
@@ -208,9 +210,10 @@ def measure(
     """KLD statistics of each quantized GGUF against the base GGUF, over ``text``
     (``n_tokens`` long): the running means after its last whole chunk.
 
-    A filler chunk (the text's first half again) follows the measured ones: llama.cpp's logger
-    can drop what a run prints just before it exits, and the extra pass gives it time to
-    print the measured chunk's line. The filler's own numbers are never read.
+    A filler chunk (the text's first half again) follows the measured ones: an unpatched
+    llama.cpp's logger can drop what a run prints just before it exits (see
+    :func:`kl_divergence`), and the extra pass gives it time to print the measured chunk's
+    line. The filler's own numbers are never read.
     """
     # Two tokens of slack: llama.cpp may count the text a token or two longer than HF.
     chunks = max(1, (n_tokens - 2) // ctx)

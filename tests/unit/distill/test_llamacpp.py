@@ -79,3 +79,39 @@ def test_a_cross_build_without_the_toolchain_says_what_to_install(
     with pytest.raises(llamacpp.LlamaCppError, match="crossbuild-essential-arm64"):
         llamacpp.build("native", board="pi4")
     assert not llamacpp.build_dir("native", "pi4").exists()  # nothing half-made
+
+
+def _tree(tmp_path: Path, text: str) -> Path:
+    """A source tree holding the one file pidistill patches, with ``text`` in it."""
+    name = llamacpp.PATCHES[0][0]
+    (tmp_path / name).parent.mkdir(parents=True)
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    return tmp_path / name
+
+
+def test_the_source_is_patched_once_and_a_second_pass_changes_nothing(tmp_path: Path) -> None:
+    name, old, new = llamacpp.PATCHES[0]
+    path = _tree(tmp_path, "int main() {\n" + old)
+    assert llamacpp.apply_patches(tmp_path) == [name]
+    assert path.read_text(encoding="utf-8") == "int main() {\n" + new
+    assert "common_log_flush(common_log_main());" in new
+    assert llamacpp.apply_patches(tmp_path) == []
+    assert path.read_text(encoding="utf-8") == "int main() {\n" + new
+
+
+@pytest.mark.parametrize("copies", [0, 2])
+def test_a_source_that_is_not_the_pins_is_refused_and_left_as_it_was(
+    tmp_path: Path, copies: int
+) -> None:
+    text = "int main() {\n" + llamacpp.PATCHES[0][1] * copies
+    path = _tree(tmp_path, text)
+    with pytest.raises(llamacpp.LlamaCppError, match=rf"perplexity.cpp: .* found {copies} times"):
+        llamacpp.apply_patches(tmp_path)
+    assert path.read_text(encoding="utf-8") == text
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_the_patches_are_part_of_a_builds_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    patched = llamacpp.build_dir("native", "pi4")
+    monkeypatch.setattr(llamacpp, "PATCHES", ())
+    assert llamacpp.build_dir("native", "pi4") != patched
