@@ -93,8 +93,10 @@ def write_inventory(
         f"    lab_uplink_rate: {json.dumps(uplink_rate)}",
         "",
     ]
+    from distill.records import atomic_write_text
+
     INVENTORY.parent.mkdir(parents=True, exist_ok=True)
-    INVENTORY.write_text("\n".join(lines))
+    atomic_write_text(INVENTORY, "\n".join(lines))  # ansible-playbook never reads half a file
     return INVENTORY
 
 
