@@ -86,7 +86,7 @@ BOARD_TARGETS: tuple[str, ...] = ("llama-server", "llama-bench", "llama-cli", "l
 # and the main logger is leaked on purpose at this commit (llama.cpp issue 22142); its header
 # asks a program to call common_log_flush() before it exits. llama-perplexity does not, so
 # what it prints last (the KL-divergence statistics the GGUF evaluation reads) can be lost at
-# exit: 1 run of 3 on an idle 2-core machine, 3 of 3 in a row on a busy CI machine.
+# exit: 9 runs of 20 on an idle 2-core machine, 3 of 3 in a row on a busy CI machine.
 PATCHES: tuple[tuple[str, str, str], ...] = (
     (
         "tools/perplexity/perplexity.cpp",
