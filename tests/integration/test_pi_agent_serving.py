@@ -220,9 +220,13 @@ def test_bench_request_expectation_replaces_the_prediction_both_ways(agent: Agen
     assert status == 200, slow
     assert slow["gate"]["passed"] is False and slow["gate"]["tolerance"] == 0.5
     assert [r["predicted_by"] for r in slow["results"]] == ["regressor", "expected"]
-    assert len(slow["gate"]["failures"]) == 1
-    assert "tg8 with 1 threads" in slow["gate"]["failures"][0]
-    assert "(50% of the expected 1000000.00)" in slow["gate"]["failures"][0]
+    failures = slow["gate"]["failures"]
+    tg = [f for f in failures if f.startswith("tg8 with 1 threads")]
+    assert len(tg) == 1 and "(50% of the expected 1000000.00)" in tg[0], failures
+    # pp16 is still judged against the regressor's prediction: a busy machine may fail it too
+    # (11,347 tok/s against a predicted 48,104 once in make test), never against an expectation.
+    assert all(f.startswith("pp16 with 1 threads") and "of the predicted" in f
+               for f in failures if f not in tg), failures  # fmt: skip
     status, fine = agent.json(
         "POST", "/v1/bench", {**small, "expected": {"pp": 0.01, "tg": 0.01}}, timeout=120
     )
