@@ -233,10 +233,11 @@ def apply_patches(source: Path, patches: Sequence[tuple[str, str, str]] = PATCHE
         text = path.read_text(encoding="utf-8")
         if new in text:
             continue
-        if text.count(old) != 1:
+        found = text.count(old)
+        if found != 1:
             raise LlamaCppError(
                 f"{path}: cannot apply pidistill's patch: the text to replace is found "
-                f"{text.count(old)} times, not once (not the llama.cpp {LLAMA_CPP_COMMIT} source?)"
+                f"{found} times, not once (not the llama.cpp {LLAMA_CPP_COMMIT} source?)"
             )
         atomic_write_text(path, text.replace(old, new))
         changed.append(name)
